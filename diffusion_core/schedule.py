@@ -190,6 +190,12 @@ class NoiseSchedule:
             self.sqrt_one_minus_alpha_bar, t, z_t
         ) * z_t
 
+    def x_from_v(self, z_t: Tensor, t: Tensor | int, v: Tensor) -> Tensor:
+        """x = sqrt(alpha_bar) z_t - sqrt(1-alpha_bar) v (invert the velocity for the data)."""
+        return extract(self.sqrt_alpha_bar, t, z_t) * z_t - extract(
+            self.sqrt_one_minus_alpha_bar, t, z_t
+        ) * v
+
     def reverse_mean_from_eps(self, z_t: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
         """Decoder mean f_t[z_t] from a noise estimate g_t (eq. 18.35):
 
@@ -198,6 +204,21 @@ class NoiseSchedule:
         return (
             z_t - extract(self.betas / self.sqrt_one_minus_alpha_bar, t, z_t) * eps
         ) / extract(self.alphas.sqrt(), t, z_t)
+
+    # ----------------------------------------------------------------- reverse process
+    def reverse_log_variance(self, kind: Literal["posterior", "beta"] = "posterior") -> Tensor:
+        """log sigma_t^2 of a fixed-variance decoder p(z_{t-1}|z_t) = Norm[f_t, sigma_t^2 I] (eq. 18.16).
+
+        ``"posterior"``: sigma_t^2 = beta_t (1-alpha_bar_{t-1})/(1-alpha_bar_t), the variance of
+        q(z_{t-1}|z_t, x) (eq. 18.15), optimal when x is a single point; it is 0 at the first step,
+        so index 0 takes the value of index 1 (``posterior_log_variance_clipped``).
+        ``"beta"``: sigma_t^2 = beta_t, optimal when x ~ Norm[0, I] (Ho et al., 2020).
+        """
+        if kind == "posterior":
+            return self.posterior_log_variance_clipped
+        if kind == "beta":
+            return torch.log(self.betas)
+        raise ValueError(f"kind must be 'posterior' or 'beta', got {kind!r}")
 
     # ----------------------------------------------------------------- sub-sequences
     def respace(self, timesteps: Tensor | list[int]) -> NoiseSchedule:
