@@ -1,0 +1,559 @@
+"""The ingest job: raw image/caption inputs → validated, versioned webdataset shards (DESIGN §4).
+
+Stages (each a pure function over a pyarrow table, so the Ray Data job and the single-process
+loop run the very same code):
+
+1. :func:`read_stage`: one read unit (a tar, or a chunk of files / manifest rows) → raw rows.
+2. :func:`process_stage`: caption checks and normalisation, image validation, decode, RGB,
+   centre-crop, resize, PNG encode. Bad inputs become rows with a reason.
+3. :class:`EmbedStage`: caption embeddings with the text encoder (a Ray actor pool).
+4. :class:`DatasetWriter` (driver): duplicate keys, shard membership in input order, atomic shard
+   writes, ``rejected.jsonl`` and ``manifest.json``.
+
+Determinism: units are sorted, rows keep input order (Ray Data ``preserve_order``), and every
+per-row result depends on that row alone (the text encoder is batch-invariant), so the same input
+gives byte-identical shards, whatever the parallelism, and the same dataset version.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffusion_core.data.images import ImageLimits, Rejected, decode_resize, encode_png
+from diffusion_core.data.reasons import Reason
+from diffusion_core.data.sources import SourceError, plan, read_unit
+from diffusion_core.data.tario import DeterministicTarWriter, sha256_file
+from diffusion_core.text import normalize_caption
+
+SCHEMA_VERSION = 1
+SHARD_PATTERN = "shard-%06d.tar"
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+MEMBERS = ("png", "txt", "json", "emb.npy", "tok.npy")
+ROWS_PER_BLOCK = 64
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("image", pa.binary()),
+        ("image_name", pa.string()),
+        ("caption", pa.binary()),
+        ("meta", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+PROCESSED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("png", pa.binary()),
+        ("caption", pa.string()),
+        ("meta", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("png", pa.binary()),
+        ("txt", pa.binary()),
+        ("json", pa.binary()),
+        ("emb", pa.binary()),
+        ("tok", pa.binary()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("encoder_id", pa.string()),
+    ]
+)
+
+
+class IngestError(Exception):
+    """The run could not complete: a bad source, an unwritable output, a failed job.
+
+    ``transient`` is False for problems a retry cannot fix (a missing or empty source, a bad
+    output folder) and True for a failure of the job itself (I/O, a lost worker).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class IngestConfig(BaseModel):
+    """Everything that decides the output of an ingest run (a Prefect/CLI boundary object)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(min_length=1, description="Raw inputs: paths or fsspec URLs.")
+    out: str = Field(description="Output folder (local or a mounted shared filesystem).")
+    resolution: int = Field(64, ge=8, le=4096, description="Side of the square output images.")
+    shard_size: int = Field(1000, ge=1, description="Samples per output shard.")
+    min_size: int = Field(32, ge=1, description="Reject images whose shorter side is smaller.")
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="Refuse images above this many pixels before decoding."
+    )
+    text_encoder: str = Field("all-MiniLM-L6-v2", description="Registered text encoder name.")
+    max_tokens: int = Field(32, ge=1, le=512, description="Token states kept per caption.")
+    batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch.")
+    num_encoders: int = Field(2, ge=1, description="Size of the text-encoder actor pool.")
+    encoder_cpus: float = Field(
+        0.5, gt=0, description="CPUs per encoder actor (fractional: see STACK-NOTES)."
+    )
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(min_size=self.min_size, max_pixels=self.max_pixels)
+
+
+@dataclass
+class IngestProgress:
+    read: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    shards: int = 0
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    out: str
+    manifest_path: str
+    dataset_version: str
+    read: int
+    accepted: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    shards: list[dict[str, Any]]
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def read_stage(batch: pa.Table) -> Iterator[pa.Table]:
+    """Read units (one JSON string per row in ``unit``) into blocks of raw rows."""
+    for unit_json in batch.column("unit").to_pylist():
+        buf: list[dict[str, Any]] = []
+        for r in read_unit(json.loads(unit_json)):
+            d = asdict(r)
+            d["meta"] = json.dumps(d["meta"], sort_keys=True)
+            d["reason"] = str(r.reason) if r.reason is not None else None
+            buf.append(d)
+            if len(buf) >= ROWS_PER_BLOCK:
+                yield _rows_to_table(buf, RAW_SCHEMA)
+                buf = []
+        if buf:
+            yield _rows_to_table(buf, RAW_SCHEMA)
+
+
+def check_caption(raw: bytes | None) -> str:
+    """The normalised caption, or :class:`Rejected`."""
+    if raw is None:
+        raise Rejected(Reason.MISSING_CAPTION, "no caption (.txt sidecar, member or column)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Rejected(Reason.CAPTION_NOT_UTF8, str(e)) from None
+    caption = normalize_caption(text)
+    if not caption:
+        raise Rejected(Reason.EMPTY_CAPTION, f"{len(raw)} bytes of whitespace")
+    return caption
+
+
+def process_one(row: dict[str, Any], resolution: int, limits: ImageLimits) -> dict[str, Any]:
+    out = {k: row[k] for k in ("key", "source", "meta", "reason", "detail")}
+    out["png"] = out["caption"] = None
+    if row["reason"] is not None:
+        return out
+    try:
+        if row["image"] is None:
+            raise Rejected(Reason.MISSING_IMAGE, "no image for this key")
+        caption = check_caption(row["caption"])
+        try:
+            img, (w, h) = decode_resize(row["image"], resolution, limits)
+        except Rejected:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt image
+            raise Rejected(Reason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}") from None
+    except Rejected as r:
+        out["reason"], out["detail"] = str(r.reason), r.detail
+        return out
+    meta = json.loads(row["meta"])
+    meta.update(original_width=w, original_height=h, source=row["source"], source_kind=row["kind"])
+    out.update(png=encode_png(img), caption=caption, meta=json.dumps(meta, sort_keys=True))
+    return out
+
+
+def process_stage(batch: pa.Table, resolution: int, limits: ImageLimits) -> pa.Table:
+    """Validate, decode and resize one batch of raw rows."""
+    rows = [process_one(r, resolution, limits) for r in batch.to_pylist()]
+    return _rows_to_table(rows, PROCESSED_SCHEMA)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+class EmbedStage:
+    """Caption embeddings (a stateful Ray Data actor; also called directly by the local loop)."""
+
+    def __init__(self, encoder: str, max_tokens: int, single_thread: bool = True) -> None:
+        import torch
+
+        from diffusion_core.text import load_text_encoder
+
+        if single_thread:
+            torch.set_num_threads(1)
+        self.encoder = load_text_encoder(encoder, max_tokens=max_tokens)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        ok = [i for i, r in enumerate(rows) if r["reason"] is None]
+        emb = self.encoder.encode([rows[i]["caption"] for i in ok]) if ok else None
+        out = []
+        for r in rows:
+            out.append(
+                {
+                    "key": r["key"],
+                    "source": r["source"],
+                    "reason": r["reason"],
+                    "detail": r["detail"],
+                    "encoder_id": self.encoder.id,
+                }
+            )
+        for j, i in enumerate(ok):
+            assert emb is not None
+            meta = json.loads(rows[i]["meta"])
+            meta.update(key=rows[i]["key"], caption_tokens=int(emb.lengths[j]))
+            out[i].update(
+                png=rows[i]["png"],
+                txt=rows[i]["caption"].encode("utf-8"),
+                json=json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+                emb=_npy(emb.pooled[j].numpy().astype(np.float32)),
+                tok=_npy(emb.tokens[j].numpy().astype(np.float16)),
+            )
+        return _rows_to_table(out, SAMPLE_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------ writer
+
+
+class DatasetWriter:
+    """Consumes sample rows in input order; writes shards, ``rejected.jsonl``, ``manifest.json``.
+
+    The manifest is written last, atomically: a folder is a complete dataset iff it has one.
+    Starting a run removes the old manifest and any partial file an interrupted run left.
+    """
+
+    def __init__(self, cfg: IngestConfig) -> None:
+        self.cfg = cfg
+        self.out = cfg.out
+        os.makedirs(self.out, exist_ok=True)
+        self._clean_start()
+        self.progress = IngestProgress()
+        self.by_reason: Counter[str] = Counter()
+        self.seen: set[str] = set()
+        self.shards: list[dict[str, Any]] = []
+        self.encoder_id: str | None = None
+        self._shard: DeterministicTarWriter | None = None
+        self._rej_path = os.path.join(self.out, "rejected.jsonl")
+        self._rej_tmp = os.path.join(self.out, ".rejected.jsonl.partial")
+        self._rej = open(self._rej_tmp, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        self._rej_hash = hashlib.sha256()
+
+    def _clean_start(self) -> None:
+        manifest = os.path.join(self.out, "manifest.json")
+        if os.path.exists(manifest):
+            os.remove(manifest)
+        for p in glob.glob(os.path.join(glob.escape(self.out), ".*.partial")):
+            os.remove(p)
+
+    def _reject(self, source: str, reason: str, detail: str) -> None:
+        line = json.dumps(
+            {"source": source, "reason": reason, "detail": detail},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+        b = (line + "\n").encode("utf-8", errors="backslashreplace")
+        self._rej.write(b)
+        self._rej_hash.update(b)
+        self.by_reason[reason] += 1
+        self.progress.rejected += 1
+
+    def consume(self, table: pa.Table) -> None:
+        for r in table.to_pylist():
+            self.progress.read += 1
+            key = r["key"]
+            if key:
+                if key in self.seen:
+                    self._reject(r["source"], Reason.DUPLICATE_KEY, f"key {key!r} seen before")
+                    continue
+                self.seen.add(key)
+            if r["reason"] is not None:
+                self._reject(r["source"], r["reason"], r["detail"] or "")
+                continue
+            self.encoder_id = r["encoder_id"]
+            self._add(r)
+
+    def _add(self, r: dict[str, Any]) -> None:
+        if self._shard is None:
+            name = SHARD_PATTERN % len(self.shards)
+            self._shard = DeterministicTarWriter(os.path.join(self.out, name))
+        self._shard.add_sample(
+            r["key"],
+            [
+                ("png", r["png"]),
+                ("txt", r["txt"]),
+                ("json", r["json"]),
+                ("emb.npy", r["emb"]),
+                ("tok.npy", r["tok"]),
+            ],
+        )
+        self.progress.accepted += 1
+        if self._shard.count >= self.cfg.shard_size:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._shard is not None
+        w, self._shard = self._shard, None
+        sha = w.close()
+        self.shards.append(
+            {
+                "name": os.path.basename(w.path),
+                "samples": w.count,
+                "sha256": sha,
+                "bytes": os.path.getsize(w.path),
+            }
+        )
+        self.progress.shards = len(self.shards)
+
+    def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
+        self._rej.close()
+        if os.path.exists(self._rej_tmp):
+            os.remove(self._rej_tmp)
+
+    def finish(self) -> dict[str, Any]:
+        if self._shard is not None:
+            self._close_shard()
+        self._rej.flush()
+        os.fsync(self._rej.fileno())
+        self._rej.close()
+        os.replace(self._rej_tmp, self._rej_path)
+        # shards left by an earlier run that produced more of them
+        for p in os.listdir(self.out):
+            m = _SHARD_RE.match(p)
+            if m and int(m.group(1)) >= len(self.shards):
+                os.remove(os.path.join(self.out, p))
+        return self._write_manifest()
+
+    def _write_manifest(self) -> dict[str, Any]:
+        cfg = self.cfg
+        p = self.progress
+        if p.read != p.accepted + p.rejected:  # pragma: no cover - an invariant
+            raise IngestError(f"read {p.read} != accepted {p.accepted} + rejected {p.rejected}")
+        content = {
+            "schema_version": SCHEMA_VERSION,
+            "format": {
+                "shard_pattern": SHARD_PATTERN,
+                "members": list(MEMBERS),
+                "image": {"format": "png", "mode": "RGB", "resolution": cfg.resolution},
+                "emb.npy": {"dtype": "float32", "shape": "[dim]"},
+                "tok.npy": {"dtype": "float16", "shape": "[max_tokens, dim]"},
+            },
+            "resolution": cfg.resolution,
+            "text_encoder": {
+                "name": cfg.text_encoder,
+                "id": self.encoder_id,
+                "max_tokens": cfg.max_tokens,
+            },
+            "validation": {"min_size": cfg.min_size, "max_pixels": cfg.max_pixels},
+            "shard_size": cfg.shard_size,
+            "shards": self.shards,
+            "counts": {
+                "read": p.read,
+                "accepted": p.accepted,
+                "rejected": p.rejected,
+                "rejected_by_reason": dict(sorted(self.by_reason.items())),
+            },
+            "rejected_file": {"name": "rejected.jsonl", "sha256": self._rej_hash.hexdigest()},
+        }
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+        version = hashlib.sha256(canonical).hexdigest()
+        manifest = {"dataset_version": version, **content, "sources": list(cfg.sources)}
+        tmp = os.path.join(self.out, ".manifest.json.partial")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.out, "manifest.json"))
+        return manifest
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray (no-op if already running)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        cpus = num_cpus or len(os.sched_getaffinity(0))
+        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+
+
+def _check_out(cfg: IngestConfig) -> None:
+    if "://" in cfg.out and not cfg.out.startswith("file://"):
+        raise IngestError(
+            f"--out {cfg.out!r}: shards are written to a local or mounted folder, not a URL"
+        )
+    out = os.path.realpath(cfg.out.removeprefix("file://"))
+    for s in cfg.sources:
+        if "://" in s and not s.startswith("file://"):
+            continue
+        src = os.path.realpath(s.removeprefix("file://"))
+        if out == src or out.startswith(src.rstrip("/") + "/"):
+            raise IngestError(
+                f"--out {cfg.out!r} is inside the source {s!r}: a re-run would read its own "
+                "shards; choose an output folder outside the sources"
+            )
+
+
+def _iter_local(units: list[dict[str, Any]], cfg: IngestConfig, single_thread: bool):
+    embed = EmbedStage(cfg.text_encoder, cfg.max_tokens, single_thread=single_thread)
+    for u in units:
+        unit_table = pa.table({"unit": [json.dumps(u, sort_keys=True)]})
+        for raw in read_stage(unit_table):
+            yield embed(process_stage(raw, cfg.resolution, cfg.limits))
+
+
+def _iter_ray(units: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[pa.Table]:
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    try:
+        ds = ray.data.from_items(
+            [{"unit": json.dumps(u, sort_keys=True)} for u in units],
+            override_num_blocks=len(units),
+        )
+        ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow")
+        ds = ds.map_batches(
+            process_stage,
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            fn_kwargs={"resolution": cfg.resolution, "limits": cfg.limits},
+        )
+        ds = ds.map_batches(
+            EmbedStage,
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=cfg.num_encoders),
+            num_cpus=cfg.encoder_cpus,
+            fn_constructor_kwargs={"encoder": cfg.text_encoder, "max_tokens": cfg.max_tokens},
+        )
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
+
+def ingest(
+    cfg: IngestConfig,
+    *,
+    progress: Callable[[IngestProgress], None] | None = None,
+    engine: str = "ray",
+    single_thread: bool = True,
+) -> IngestResult:
+    """Run the ingest. ``engine="ray"`` (the Ray Data job) or ``"local"`` (one process, the same
+    stages in a loop; for benchmarks and debugging). Raises :class:`IngestError` on failure;
+    bad inputs are not failures, they are counted and listed in ``rejected.jsonl``."""
+    import time
+
+    t0 = time.perf_counter()
+    _check_out(cfg)
+    try:
+        units = plan(cfg.sources)
+    except SourceError as e:
+        raise IngestError(str(e)) from e
+    if engine == "ray":
+        ensure_ray()
+        batches: Iterable[pa.Table] = _iter_ray(units, cfg)
+    elif engine == "local":
+        batches = _iter_local(units, cfg, single_thread)
+    else:
+        raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+    try:
+        writer = DatasetWriter(cfg)
+    except OSError as e:
+        raise IngestError(f"cannot write to --out {cfg.out!r}: {e}") from e
+    try:
+        for table in batches:
+            writer.consume(table)
+            if progress is not None:
+                progress(writer.progress)
+        manifest = writer.finish()
+    except BaseException as e:
+        writer.abort()
+        if isinstance(e, IngestError | KeyboardInterrupt):
+            raise
+        if isinstance(e, Exception):
+            raise IngestError(f"ingest failed: {type(e).__name__}: {e}", transient=True) from e
+        raise
+    counts = manifest["counts"]
+    return IngestResult(
+        out=cfg.out,
+        manifest_path=os.path.join(cfg.out, "manifest.json"),
+        dataset_version=manifest["dataset_version"],
+        read=counts["read"],
+        accepted=counts["accepted"],
+        rejected=counts["rejected"],
+        rejected_by_reason=counts["rejected_by_reason"],
+        shards=manifest["shards"],
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def verify(out: str) -> dict[str, Any]:
+    """Check a dataset folder against its manifest (sha256 of every shard); return the manifest."""
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        raise IngestError(f"{out!r} has no manifest.json: not a complete dataset")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    for s in manifest["shards"]:
+        got = sha256_file(os.path.join(out, s["name"]))
+        if got != s["sha256"]:
+            raise IngestError(f"shard {s['name']} has sha256 {got}, manifest says {s['sha256']}")
+    return manifest
