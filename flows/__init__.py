@@ -1,0 +1,1 @@
+"""Thin Prefect flows over ``diffusion_core``: orchestration only, no model or data code."""
