@@ -126,6 +126,11 @@ class NoiseSchedule:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) of q(z_t|x) (eq. 18.8)."""
         return self.alpha_bar / (1.0 - self.alpha_bar)
 
+    @property
+    def half_log_snr(self) -> Tensor:
+        """lambda_t = log(sqrt(alpha_bar) / sqrt(1-alpha_bar)), the time variable of DPM-Solver (Lu et al.)."""
+        return 0.5 * (torch.log(self.alpha_bar) - torch.log1p(-self.alpha_bar))
+
     def __repr__(self) -> str:
         kind = self.config.kind if self.config else "custom"
         return f"NoiseSchedule({kind}, T={self.T})"
