@@ -73,8 +73,8 @@ def split_model_output(output: Tensor, like: Tensor, learned_variance: bool) -> 
     expected = (like.shape[0], 2 * like.shape[1], *like.shape[2:])
     if tuple(output.shape) != expected:
         raise ValueError(
-            f"a learned-variance model must output 2C channels: expected shape {expected}, "
-            f"got {tuple(output.shape)}"
+            f"model output has shape {tuple(output.shape)}; expected the data's shape "
+            f"{tuple(like.shape)} or, for a learned-variance model, 2C channels {expected}"
         )
     prediction, v = output.chunk(2, dim=1)
     return prediction, v

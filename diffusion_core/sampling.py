@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from diffusion_core.reverse import learned_log_variance, split_model_output
 from diffusion_core.schedule import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -428,21 +429,7 @@ def _predict_eps(
 def _split_output(out: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
     """A model output as (eps, None), or (eps, v) when it has twice ``z``'s channels."""
     out = out.to(z.dtype)
-    if out.shape == z.shape:
-        return out, None
-    if (
-        z.ndim >= 2
-        and out.ndim == z.ndim
-        and out.shape[0] == z.shape[0]
-        and out.shape[1] == 2 * z.shape[1]
-        and out.shape[2:] == z.shape[2:]
-    ):
-        eps, v = out.chunk(2, dim=1)
-        return eps, v
-    raise ValueError(
-        f"model output has shape {tuple(out.shape)}; expected z_t's shape {tuple(z.shape)} "
-        "(noise) or twice its channels along dim 1 (noise and variance)"
-    )
+    return split_model_output(out, z, learned_variance=out.shape != z.shape)
 
 
 def _predict_x(
@@ -483,11 +470,7 @@ def _ddpm_variance(sub: NoiseSchedule, i: int, variance: str, v: Tensor | None) 
         raise ValueError(
             "variance='learned' needs a model that returns [eps, v] (twice z_t's channels)"
         )
-    frac = (v + 1.0) / 2.0
-    log_var = frac * float(torch.log(sub.betas[i])) + (1.0 - frac) * float(
-        sub.posterior_log_variance_clipped[i]
-    )
-    return log_var.exp()
+    return learned_log_variance(v, i, sub).exp()
 
 
 def _concat_kwargs(
