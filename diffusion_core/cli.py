@@ -134,5 +134,11 @@ def data_shapes(
     typer.echo(f"wrote {count} samples in {len(paths)} shards to {out}")
 
 
+# `cascade train` lives with the training code (diffusion_core/training/cli.py).
+from diffusion_core.training.cli import train_command  # noqa: E402
+
+app.command("train")(train_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
