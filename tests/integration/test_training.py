@@ -247,3 +247,131 @@ def test_a_non_finite_loss_stops_the_run_with_the_last_good_checkpoint(data, sto
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000004"]
     state = json.loads((run_dir / "checkpoint_00000004" / "state.json").read_text())
     assert state["step"] == 4
+
+
+# ============================================================================ a 2-node cluster
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """A head and a second node (1 CPU each) started with `ray start` on 127.0.0.1, the head with
+    the dashboard (Jobs API). Each `ray start --block` runs in its own process group, stopped by
+    its id at the end. This process stays on the session's local Ray: runs on the cluster are
+    made by subprocesses (the job entry point), as a user's driver would."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, dash, agent1, agent2 = _free_ports(4)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    temp = tmp_path_factory.mktemp("ray")
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    head = [
+        ray_bin, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={agent1}", *common,
+    ]  # fmt: skip
+    worker = [
+        ray_bin, "start", f"--address=127.0.0.1:{gcs}",
+        f"--dashboard-agent-listen-port={agent2}", *common,
+    ]  # fmt: skip
+    count = (
+        f"import ray; ray.init(address='127.0.0.1:{gcs}', log_to_driver=False); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    log = open(temp / "ray-start.log", "w")  # noqa: SIM115 - closed below
+    procs = []
+    try:
+        procs.append(
+            subprocess.Popen(head, env=env, stdout=log, stderr=log, start_new_session=True)
+        )
+        time.sleep(3)
+        procs.append(
+            subprocess.Popen(worker, env=env, stdout=log, stderr=log, start_new_session=True)
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            out = subprocess.run(
+                [sys.executable, "-c", count], env=env, capture_output=True, text=True
+            )
+            if out.stdout.strip().endswith("2"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"2-node cluster did not start; see {temp / 'ray-start.log'}")
+            time.sleep(2)
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=15)
+        log.close()
+
+
+@pytest.mark.slow
+def test_workers_spread_over_two_nodes(two_node_cluster, data, storage):
+    import subprocess
+    import sys
+
+    from diffusion_core.training.run import TrainResult
+    from diffusion_core.training.submit import RESULT_PREFIX, build_request, encode_request
+
+    cfg = _cfg("base", storage, scaling={"placement_strategy": "STRICT_SPREAD"})
+    request = build_request(
+        cfg, str(data), resume=None, run_name=None, export_dir=None, stop_at=None, fault=None
+    )
+    env = {**two_node_cluster["env"], "RAY_ADDRESS": two_node_cluster["address"]}
+    out = subprocess.run(
+        [sys.executable, "-m", "diffusion_core.training.job", encode_request(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    r = TrainResult.model_validate_json(lines[-1][len(RESULT_PREFIX) :])
+    assert r.completed and r.step == 8
+    nodes = [w["node_id"] for w in r.attempts[0]["workers"]]
+    assert len(nodes) == 2 and len(set(nodes)) == 2, f"workers not spread: {nodes}"
+
+
+@pytest.mark.slow
+def test_cluster_mode_submits_through_the_jobs_api(two_node_cluster, data, storage, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    monkeypatch.setenv("RAY_ADDRESS", two_node_cluster["dashboard"])
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    lines: list[str] = []
+    from diffusion_core.training.submit import submit_train
+
+    r = submit_train(_cfg("base", storage), str(data), export_dir=None, log=lines.append)
+    assert r.completed and r.step == 8 and Path(r.run_dir).is_dir()
+    assert any(line.startswith("step 8/8") for line in lines), lines[-20:]
+    jobs = JobSubmissionClient(two_node_cluster["dashboard"]).list_jobs()
+    assert any((j.metadata or {}).get("run_name") == r.run_name for j in jobs)
+    run = MlflowClient(_tracking(storage)).get_run(r.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ray_run_name"] == r.run_name
