@@ -91,12 +91,12 @@ def train_command(
 
 def _stored_config(run: str, storage: str, steps: int | None) -> Any:
     from diffusion_core.training.config import ConfigError, TrainConfig
-    from diffusion_core.training.run import RUN_JSON, _exists, _read_json, storage_uri
+    from diffusion_core.training.run import RUN_JSON, read_run
 
-    path = f"{storage_uri(storage)}/{run}/{RUN_JSON}"
-    if not _exists(path):
+    stored = read_run(storage, run)
+    if stored is None:
         raise ConfigError(f"no run {run!r} in {storage} (no {RUN_JSON}); check --storage")
-    cfg = TrainConfig.model_validate(_read_json(path)["config"])
+    cfg = TrainConfig.model_validate(stored["config"])
     return cfg if steps is None else cfg.model_copy(update={"steps": steps})
 
 

@@ -101,6 +101,12 @@ def _write_json(uri: str, data: Any) -> None:
         f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def read_run(storage: str, name: str) -> dict[str, Any] | None:
+    """The ``run.json`` of run ``name`` in ``storage`` (its config, data, MLflow run), or None."""
+    uri = f"{storage_uri(storage)}/{name}/{RUN_JSON}"
+    return _read_json(uri) if _exists(uri) else None
+
+
 def check_config(config: TrainConfig, data: str) -> DatasetInfo:
     """Everything that can be checked before Ray starts; returns the dataset's manifest info."""
     stage = config.stage_config

@@ -249,6 +249,37 @@ def test_a_non_finite_loss_stops_the_run_with_the_last_good_checkpoint(data, sto
     assert state["step"] == 4
 
 
+# ============================================================================ the Prefect flow
+@pytest.mark.slow
+def test_prefect_flow_trains_the_stages_concurrently(ray_local, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    from diffusion_core.cascade import Cascade
+    from flows.train import train_cascade_flow
+
+    overrides = {
+        "storage_path": str(tmp_path / "runs"),
+        "steps": 4,
+        "scaling": {"num_workers": 1},  # 1 CPU per stage: both fit on 2 CPUs at once
+    }
+    with prefect_test_harness():
+        results = train_cascade_flow(
+            data=str(data), config="tiny", overrides=overrides, export_dir=str(tmp_path / "c")
+        )
+    assert set(results) == {"base", "sr1"}
+    assert all(r["completed"] and r["step"] == 4 for r in results.values())
+    # the two runs overlapped in time
+    (a_start, a_end), (b_start, b_end) = (
+        (r["attempts"][0]["time"], r["attempts"][0]["time"] + r["seconds"])
+        for r in results.values()
+    )
+    assert a_start < b_end and b_start < a_end
+    cascade = Cascade.load(tmp_path / "c")
+    assert [s.name for s in cascade] == ["base", "sr1"]
+    assert cascade.sample(["two small red circles"], steps=3).shape == (1, 16, 16, 3)
+
+
 # ============================================================================ a 2-node cluster
 def _free_ports(n: int) -> list[int]:
     import socket
