@@ -6,6 +6,8 @@ loop run the very same code):
 1. :func:`read_stage`: one read unit (a tar, or a chunk of files / manifest rows) → raw rows.
 2. :func:`process_stage`: caption checks and normalisation, image validation, decode, RGB,
    centre-crop, resize, PNG encode. Bad inputs become rows with a reason.
+   (1 and 2 run together, one Ray task per unit; a streaming repartition then slices each unit's
+   output into ``batch_size``-row blocks.)
 3. :class:`EmbedStage`: caption embeddings with the text encoder (a Ray actor pool).
 4. :class:`DatasetWriter` (driver): duplicate keys, shard membership in input order, atomic shard
    writes, ``rejected.jsonl`` and ``manifest.json``.
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffusion_core.data.images import ImageLimits, Rejected, decode_resize, encode_png
 from diffusion_core.data.reasons import Reason
@@ -111,11 +113,25 @@ class IngestConfig(BaseModel):
     )
     text_encoder: str = Field("all-MiniLM-L6-v2", description="Registered text encoder name.")
     max_tokens: int = Field(32, ge=1, le=512, description="Token states kept per caption.")
-    batch_size: int = Field(64, ge=1, description="Rows per Ray Data batch.")
+    batch_size: int = Field(
+        256, ge=1, description="Rows per block/batch reaching the text-encoder actors."
+    )
+    reader_cpus: float = Field(0.5, gt=0, description="CPUs per read/decode task.")
     num_encoders: int = Field(2, ge=1, description="Size of the text-encoder actor pool.")
     encoder_cpus: float = Field(
         0.5, gt=0, description="CPUs per encoder actor (fractional: see STACK-NOTES)."
     )
+
+    @field_validator("out")
+    @classmethod
+    def _local_out(cls, v: str) -> str:
+        if v.startswith("file://"):
+            v = v.removeprefix("file://")
+        if "://" in v:
+            raise ValueError(
+                f"out={v!r}: shards are written to a local or mounted folder, not a URL"
+            )
+        return v
 
     @property
     def limits(self) -> ImageLimits:
@@ -208,6 +224,12 @@ def process_stage(batch: pa.Table, resolution: int, limits: ImageLimits) -> pa.T
     """Validate, decode and resize one batch of raw rows."""
     rows = [process_one(r, resolution, limits) for r in batch.to_pylist()]
     return _rows_to_table(rows, PROCESSED_SCHEMA)
+
+
+def read_process_stage(batch: pa.Table, resolution: int, limits: ImageLimits) -> Iterator[pa.Table]:
+    """Stages 1 and 2 in one task per read unit (one tar, or one chunk of files/rows)."""
+    for raw in read_stage(batch):
+        yield process_stage(raw, resolution, limits)
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -432,11 +454,7 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
 
 
 def _check_out(cfg: IngestConfig) -> None:
-    if "://" in cfg.out and not cfg.out.startswith("file://"):
-        raise IngestError(
-            f"--out {cfg.out!r}: shards are written to a local or mounted folder, not a URL"
-        )
-    out = os.path.realpath(cfg.out.removeprefix("file://"))
+    out = os.path.realpath(cfg.out)
     for s in cfg.sources:
         if "://" in s and not s.startswith("file://"):
             continue
@@ -452,8 +470,8 @@ def _iter_local(units: list[dict[str, Any]], cfg: IngestConfig, single_thread: b
     embed = EmbedStage(cfg.text_encoder, cfg.max_tokens, single_thread=single_thread)
     for u in units:
         unit_table = pa.table({"unit": [json.dumps(u, sort_keys=True)]})
-        for raw in read_stage(unit_table):
-            yield embed(process_stage(raw, cfg.resolution, cfg.limits))
+        for processed in read_process_stage(unit_table, cfg.resolution, cfg.limits):
+            yield embed(processed)
 
 
 def _iter_ray(units: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[pa.Table]:
@@ -469,13 +487,18 @@ def _iter_ray(units: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[pa.Tab
             [{"unit": json.dumps(u, sort_keys=True)} for u in units],
             override_num_blocks=len(units),
         )
-        ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow")
+        # One task per unit (batch_size=1: a unit is one row), fractional CPUs so that reads
+        # run beside the encoder actors on a 2-core machine.
         ds = ds.map_batches(
-            process_stage,
-            batch_size=cfg.batch_size,
+            read_process_stage,
+            batch_size=1,
             batch_format="pyarrow",
+            num_cpus=cfg.reader_cpus,
             fn_kwargs={"resolution": cfg.resolution, "limits": cfg.limits},
         )
+        # A unit (say a 10k-sample tar) comes out as one big block; slice it, streaming, so that
+        # every encoder actor gets work and memory stays bounded.
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
         ds = ds.map_batches(
             EmbedStage,
             batch_size=cfg.batch_size,
