@@ -315,6 +315,11 @@ def test_noisy_classifier_logits_gradient_and_round_trip(tmp_path):
     # A small step along the gradient raises log Pr(y|z_t).
     lp = lambda x: torch.log_softmax(clf(x, t), -1).gather(1, y[:, None]).squeeze(1)  # noqa: E731
     assert (lp(z + 1e-2 * grad) > lp(z)).all()
+    randomize_(clf).train()
+    clf(z, t).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in clf.parameters())
+    clf.eval()
+    logits = clf(z, t)
     save_network(clf, tmp_path)
     loaded = load_network(tmp_path, expected_config=cfg)
     assert isinstance(loaded, NoisyClassifier)
