@@ -24,16 +24,6 @@ from diffusion_core.nn import UNet, UNetConfig
 from diffusion_core.schedule import ScheduleConfig
 from diffusion_core.text import HashTextEncoder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP spinning on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 D = 16  # text width of the test encoder
 NET = dict(
     base_channels=8,

@@ -16,16 +16,6 @@ from diffusion_core.nn import (
     save_network,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP spinning on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 D, L = 12, 5  # text width and tokens: random tensors shaped like the MiniLM encoder's output
 TINY = dict(
     image_size=8,

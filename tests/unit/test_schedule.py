@@ -16,15 +16,6 @@ from pydantic import ValidationError
 from diffusion_core.schedule import NoiseSchedule, ScheduleConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared 2-core machine: intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_linear_endpoints_and_T_scaling():
     s = NoiseSchedule.linear(1000)
     assert s.T == 1000
