@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from diffusion_core.cascade import TEXT_KEYS, Stage, images_to_model, model_to_images, resize
-from diffusion_core.sampling import classifier_free_guidance, sample_ddim
 from diffusion_core.training.config import TrainConfig
 from diffusion_core.training.data import ShardReader, StepSampler, iter_batches, read_manifest
 from diffusion_core.training.state import (
@@ -85,45 +84,6 @@ def _nan_fault(step: int, rank: int) -> bool:
 
 
 # ============================================================================ sample grids
-@torch.no_grad()
-def sample_stage(
-    stage: Stage,
-    cond: dict[str, torch.Tensor],
-    *,
-    low_res: torch.Tensor | None,
-    steps: int,
-    guidance_scale: float,
-    seed: int,
-) -> torch.Tensor:
-    """Samples of one stage for precomputed text conditioning (and a clean low-res image for a
-    super-resolution stage, noise-augmented at ``aug_sample_level`` as the cascade does)."""
-    net_cfg = stage.config.network
-    device = next(stage.network.parameters()).device
-    n = next(iter(cond.values())).shape[0] if cond else low_res.shape[0]  # type: ignore[union-attr]
-    gen = torch.Generator(device).manual_seed(seed)
-    kwargs: dict[str, torch.Tensor] = {}
-    if net_cfg.text_dim:
-        kwargs = {k: cond[k].to(device) for k in TEXT_KEYS if k in cond}
-        if not net_cfg.text_cross_attention:
-            kwargs.pop("text_tokens", None)
-    if stage.is_super_resolution:
-        assert low_res is not None
-        s = stage.aug_step(stage.config.aug_sample_level)
-        noise = torch.randn(low_res.shape, generator=gen, device=device)
-        noisy = stage.schedule.q_sample(low_res, max(s - 1, 0), noise)
-        kwargs["low_res"] = noisy if s > 0 else low_res
-        kwargs["aug_level"] = torch.full((n,), s, dtype=torch.long, device=device)
-    model = stage.eps_model()
-    if net_cfg.text_dim and guidance_scale != 1.0:
-        kwargs["cond_drop"] = torch.zeros(n, dtype=torch.bool, device=device)
-        model = classifier_free_guidance(model, guidance_scale, {"cond_drop": True})
-    C, R = net_cfg.in_channels, stage.resolution
-    z = torch.randn((n, C, R, R), generator=gen, device=device)
-    stage.network.eval()
-    x = sample_ddim(model, z, stage.schedule, steps, generator=gen, **kwargs)
-    return x.clamp(-1.0, 1.0)  # type: ignore[union-attr]
-
-
 def grid_image(rows: list[torch.Tensor], size: int) -> np.ndarray:
     """Rows of uint8 [N, h, w, 3] images, each upsampled (nearest) to ``size``, tiled with a
     1-pixel gap: a [rows*(size+1)-1, N*(size+1)-1, 3] array."""
@@ -154,14 +114,16 @@ def make_grid(
         low = resize(images, stage.config.network.low_res_size)  # type: ignore[arg-type]
         rows.append(model_to_images(low).cpu())
     cond = {k: batch[k] for k in TEXT_KEYS}
-    samples = sample_stage(
-        ema_stage,
-        cond,
-        low_res=low,
-        steps=cfg.sample_steps,
-        guidance_scale=cfg.guidance_scale,
-        seed=cfg.seed,
-    )
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    with torch.no_grad():
+        samples = ema_stage.sample(
+            cond,
+            x.shape[0],
+            low_res=low,
+            steps=cfg.sample_steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=gen,
+        )
     rows += [model_to_images(samples).cpu(), model_to_images(x).cpu()]
     return grid_image(rows, max(stage.resolution, 32) * 2)
 

@@ -263,11 +263,28 @@ class _ProgressWatcher:
 
 # ============================================================================ Ray
 def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` or start a local Ray (once per process, thread-safe)."""
-    from diffusion_core.data.ingest import ensure_ray as _ensure
+    """Connect to ``RAY_ADDRESS``, or start a local Ray (once per process, thread-safe).
+
+    The local Ray gets the dashboard: Ray Train's placement-group cleaner asks the State API
+    (served by the dashboard) whether the run's controller is gone, and without it never exits
+    and logs a warning every few seconds. Worker logs stay in Ray's session folder
+    (``CASCADE_RAY_LOGS=1`` streams them here too); worker errors come back in the exception.
+    """
+    import ray
 
     with _SETUP_LOCK:
-        _ensure()
+        if ray.is_initialized():
+            return
+        to_driver = os.environ.get("CASCADE_RAY_LOGS", "") not in ("", "0")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=to_driver)
+        else:
+            ray.init(
+                num_cpus=len(os.sched_getaffinity(0)),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                log_to_driver=to_driver,
+            )
 
 
 def submission_address() -> str | None:
@@ -341,6 +358,13 @@ def train(
             f"run {name!r} was trained on dataset version {stored['dataset_version'][:12]} but "
             f"{data!r} is {info.version[:12]}: resume with the data it started on"
         )
+    if export_dir:
+        from diffusion_core.training.state import check_export_dir
+
+        try:
+            check_export_dir(export_dir, config.cascade)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     tracking_uri = config.resolved_tracking_uri()
     with _SETUP_LOCK:
         run_id = _open_mlflow_run(

@@ -227,6 +227,20 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_export_dir(export_dir: str | Path, cascade: CascadeConfig) -> None:
+    """Refuse an export folder that holds stages of a different cascade config."""
+    path = Path(export_dir) / TRAINING_JSON
+    if not path.is_file():
+        return
+    held = json.loads(path.read_text()).get("cascade")
+    if held not in (None, cascade.model_dump(mode="json")):
+        names = [s["name"] for s in held.get("stages", [])]
+        raise ValueError(
+            f"export folder {export_dir} already holds stages {names} of a different cascade "
+            "config; export into an empty folder (--export) or the one of this cascade"
+        )
+
+
 def export_stage(
     checkpoint_dir: str | Path,
     export_dir: str | Path,
@@ -242,6 +256,7 @@ def export_stage(
     different cascades in one directory.
     """
     export_dir = Path(export_dir)
+    check_export_dir(export_dir, cascade)
     stage_cfg = next(s for s in cascade.stages if s.name == stage)
     network = UNet(stage_cfg.network)
     network.load_state_dict(load_file(str(Path(checkpoint_dir) / EMA_FILE)), strict=True)
@@ -250,11 +265,7 @@ def export_stage(
     with _locked(export_dir):
         tpath = export_dir / TRAINING_JSON
         training = json.loads(tpath.read_text()) if tpath.is_file() else {}
-        if training.get("cascade") not in (None, full):
-            raise ValueError(
-                f"{export_dir} already holds stages of a different cascade config; export into "
-                "an empty directory (or the one of this cascade)"
-            )
+        check_export_dir(export_dir, cascade)
         save_network(network, export_dir / "stages" / stage)
         training["cascade"] = full
         training.setdefault("stages", {})[stage] = {

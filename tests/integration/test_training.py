@@ -137,6 +137,10 @@ def test_bad_configs_fail_clearly_before_any_worker_starts(shapes_raw, data, sto
         _cfg("base", storage, batch_size=7)
     with pytest.raises(ConfigError, match="no run 'nope' to resume"):
         train(_cfg("base", storage), str(data), resume="nope")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "training.json").write_text('{"cascade": {"stages": [{"name": "x"}]}}')
+    with pytest.raises(ConfigError, match=r"already holds stages \['x'\] of a different cascade"):
+        train(_cfg("base", storage), str(data), export_dir=str(tmp_path / "other"))
     assert time.perf_counter() - t0 < 20
     assert not any(p.name.startswith("base-") for p in storage.iterdir())
 
