@@ -111,7 +111,8 @@ def main() -> None:
     print(f"\n{'setting':<24}{'img/s':>10}{'wall s':>10}")
     print(f"{'loader alone (1 thread)':<24}{results['loader_img_per_s']:>10.0f}{'':>10}")
     for r in results["runs"]:
-        print(f"{'train, %d worker(s)' % r['workers']:<24}{r['img_per_s']:>10.0f}{r['wall_s']:>10.1f}")
+        label = f"train, {r['workers']} worker(s)"
+        print(f"{label:<24}{r['img_per_s']:>10.0f}{r['wall_s']:>10.1f}")
     print(f"2 vs 1 worker: {results['speedup_2_vs_1']:.2f}x")
     print(
         f"loader / per-worker consumption: {results['loader_over_consumption']:.1f}x "
