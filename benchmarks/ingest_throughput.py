@@ -5,8 +5,13 @@ shard writing); ``engine="local"`` is the plain loop. Each run is a fresh subpro
 process tree (Ray's raylet, GCS and workers included) is sampled for memory: peak of the summed
 PSS (proportional set size, so shared pages are not counted twice).
 
-    python benchmarks/ingest_throughput.py --count 20000            # the issue's figure
-    python benchmarks/ingest_throughput.py --count 2000 --sizes 500,2000   # memory vs size
+    python benchmarks/ingest_throughput.py --count 20000 --sizes 5000   # the issue's figure
+    python benchmarks/ingest_throughput.py --captions shapes            # repetitive captions
+
+Input: the shapes dataset as img2dataset tars (1000 samples each, 128² PNG). By default every
+caption is made unique (``... (photo 123)``), as in web data where almost no two captions are
+equal; ``--captions shapes`` keeps the shapes captions (~20% distinct), which favours the single
+process (one caption cache instead of one per encoder actor).
 
 Prints one JSON line per run and a summary; ``--json PATH`` writes them all.
 """
@@ -99,6 +104,25 @@ def run_one(engine: str, raw: str, out: str, threads: str, resolution: int) -> d
     return result
 
 
+def write_raw(out: str, count: int, size: int, unique: bool) -> None:
+    """Shapes samples as img2dataset tars (``{shard:05d}{i:04d}`` keys, 1000 per tar)."""
+    import io
+
+    from diffusion_core.data.shapes import generate
+    from diffusion_core.data.tario import write_tar
+
+    os.makedirs(out, exist_ok=True)
+    for shard, start in enumerate(range(0, count, 1000)):
+        members = []
+        for i, caption, img, _, _ in generate(min(1000, count - start), size=size, start=start):
+            key = f"{shard:05d}{i - start:04d}"
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            text = f"{caption} (photo {i})" if unique else caption
+            members += [(f"{key}.png", buf.getvalue()), (f"{key}.txt", text.encode())]
+        write_tar(os.path.join(out, f"{shard:05d}.tar"), members)
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -131,6 +155,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--render", type=int, default=128, help="Side of the raw shapes images.")
     ap.add_argument("--work", default=None, help="Folder for raw data (reused) and outputs.")
+    ap.add_argument("--captions", choices=("unique", "shapes"), default="unique")
     ap.add_argument("--baseline-threads", default="default", help="torch threads of the loop.")
     ap.add_argument("--json", default=None, help="Write all results to this file.")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -142,38 +167,52 @@ def main() -> None:
         worker(args)
         return
 
-    from diffusion_core.data.shapes import write_shapes
-
     work = args.work or tempfile.mkdtemp(prefix="ingest-bench-")
     sizes = sorted({args.count, *(int(s) for s in args.sizes.split(",") if s)})
     results = []
     for n in sizes:
-        raw = os.path.join(work, f"raw-{n}")
+        raw = os.path.join(work, f"raw-{args.captions}-{n}")
         if not os.path.exists(os.path.join(raw, "done")):
             t = time.perf_counter()
-            write_shapes(raw, n, seed=0, size=args.render, shard_size=1000)
+            write_raw(raw, n, args.render, args.captions == "unique")
             open(os.path.join(raw, "done"), "w").close()
             print(f"# wrote {n} raw samples in {time.perf_counter() - t:.0f} s", flush=True)
-        engines = [("ray", "1")]
-        if n == args.count:
-            engines.insert(0, ("local", args.baseline_threads))
-        for engine, threads in engines:
-            out = os.path.join(work, f"out-{engine}-{n}")
+        for engine, threads in (("local", args.baseline_threads), ("ray", "1")):
+            out = os.path.join(work, f"out-{args.captions}-{engine}-{n}")
             r = run_one(engine, raw, out, threads, args.resolution)
             print(json.dumps(r), flush=True)
             results.append(r)
-    local = next(r for r in results if r["engine"] == "local")
-    ray_full = next(r for r in results if r["engine"] == "ray" and r["samples"] == local["samples"])
+
+    def run(engine: str, n: int) -> dict:
+        return next(r for r in results if r["engine"] == engine and r["samples"] == n)
+
+    local, ray_full = run("local", args.count), run("ray", args.count)
     summary = {
         "count": args.count,
+        "captions": args.captions,
         "cpu_ratio_ray_over_loop": round(ray_full["cpu_s"] / local["cpu_s"], 2),
         "speedup_ray_over_loop": round(ray_full["samples_per_s"] / local["samples_per_s"], 2),
         "memory_ratio_ray_over_loop": round(ray_full["peak_pss_mib"] / local["peak_pss_mib"], 2),
         "same_bytes": ray_full["dataset_version"] == local["dataset_version"],
-        "ray_peak_pss_mib_by_size": {
-            r["samples"]: r["peak_pss_mib"] for r in results if r["engine"] == "ray"
+        "peak_pss_mib_by_size": {
+            f"{r['engine']}-{r['samples']}": r["peak_pss_mib"] for r in results
         },
     }
+    if len(sizes) > 1:
+        # steady state: the marginal throughput between the smallest and the largest run,
+        # start-up (Ray, worker processes, model loads) cancelled out
+        small = sizes[0]
+
+        def marginal(engine: str) -> float:
+            a, b = run(engine, small), run(engine, args.count)
+            return (b["samples"] - a["samples"]) / (b["seconds"] - a["seconds"])
+
+        summary["marginal_samples_per_s"] = {e: round(marginal(e), 1) for e in ("local", "ray")}
+        summary["marginal_speedup_ray_over_loop"] = round(marginal("ray") / marginal("local"), 2)
+        summary["startup_s"] = {
+            e: round(run(e, args.count)["seconds"] - args.count / marginal(e), 1)
+            for e in ("local", "ray")
+        }
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -11,7 +11,8 @@ Determinism. A transformer's output for one caption changes in the last bits wit
 length, the number of rows in the batch and the number of CPU threads. The MiniLM encoder
 therefore always runs forward passes of a fixed shape with one intra-op thread on CPU: captions
 are grouped by token length, padded to a multiple of 16 tokens, and each micro-batch is filled up
-to ``batch_size`` rows with empty captions. The result for a caption then depends on the caption
+to ``batch_size`` rows (default 8: as fast per caption as 32 on CPU, less padding waste when
+few captions are new) with empty captions. The result for a caption then depends on the caption
 (and ``batch_size``) alone: measured bit-identical over batch compositions, positions in the
 batch and the caller's torch thread setting. That is what makes the per-caption LRU cache
 coherent and the ingest's shards byte-identical run to run. Across different ``batch_size``
@@ -80,7 +81,7 @@ class TextEncoder(Protocol):
     dim: int
     max_tokens: int
 
-    def encode(self, captions: Sequence[str], batch_size: int = 32) -> TextEmbeddings: ...
+    def encode(self, captions: Sequence[str], batch_size: int = 8) -> TextEmbeddings: ...
 
 
 _REGISTRY: dict[str, Callable[..., TextEncoder]] = {}
@@ -137,7 +138,7 @@ class _CachedEncoder:
     ) -> list[tuple[np.ndarray, np.ndarray, int]]:
         raise NotImplementedError
 
-    def encode(self, captions: Sequence[str], batch_size: int = 32) -> TextEmbeddings:
+    def encode(self, captions: Sequence[str], batch_size: int = 8) -> TextEmbeddings:
         """Encode captions; an empty caption (after normalisation) is the null condition."""
         if isinstance(captions, str):
             raise TypeError("encode() takes a list of captions, not a single string")
@@ -192,12 +193,13 @@ class MiniLMTextEncoder(_CachedEncoder):
 
     ``pooled`` equals ``SentenceTransformer.encode`` of the caption (to float rounding); it pools
     over the whole caption (up to the model's 256 tokens), while ``tokens`` keeps the first
-    ``max_tokens`` states.
+    ``max_tokens`` states. The LRU cache holds ``cache_size`` captions (each up to
+    ``(max_tokens + 1) * 384 * 4`` bytes: at most ~100 MB by default), so memory stays bounded.
     """
 
     _BUCKET = 16  # padded lengths are multiples of this: see the module docstring
 
-    def __init__(self, *, max_tokens: int = 32, device: str = "cpu", cache_size: int = 65536):
+    def __init__(self, *, max_tokens: int = 32, device: str = "cpu", cache_size: int = 2048):
         super().__init__(max_tokens, cache_size)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -503,7 +503,8 @@ def _iter_ray(units: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[pa.Tab
             EmbedStage,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=cfg.num_encoders),
+            # fixed size: every actor loads its model at the start, in parallel with the reads
+            compute=ActorPoolStrategy(size=cfg.num_encoders),
             num_cpus=cfg.encoder_cpus,
             fn_constructor_kwargs={"encoder": cfg.text_encoder, "max_tokens": cfg.max_tokens},
         )
