@@ -109,6 +109,7 @@ def run_demo(
     from diffusion_core.data.ingest import IngestConfig, ingest
     from diffusion_core.data.shapes import write_shapes
     from diffusion_core.training import load_preset, train
+    from diffusion_core.training.run import ensure_ray
 
     out = Path(out).resolve()
     cfg = load_preset(preset)
@@ -120,6 +121,7 @@ def run_demo(
     echo(f"demo: {count} shapes written to {out / 'raw'} in {timings['shapes']:.0f} s")
 
     t = time.perf_counter()
+    ensure_ray()  # one local Ray for the ingest and the training jobs (with the dashboard)
     top = cfg.cascade.stages[-1].resolution
     data = ingest(
         IngestConfig(
