@@ -63,6 +63,8 @@ def train_stage_task(params: TrainStageParams) -> dict[str, Any]:
     name = params.resume or params.run_name
     assert name is not None
     started = read_run(cfg.storage_path, name) is not None
+    if params.resume and not started:
+        raise ConfigError(f"no run {params.resume!r} to resume in {cfg.storage_path}")
     last = [0]
 
     def progress(p: dict[str, Any]) -> None:

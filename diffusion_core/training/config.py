@@ -220,15 +220,14 @@ def available_presets() -> list[str]:
 def load_preset(name_or_path: str | Path) -> TrainPreset:
     """A built-in preset by name (``tiny``, ``demo``, ``gpu``) or a YAML file by path."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown preset {str(name_or_path)!r}: give a YAML file or one of "
-                f"{available_presets()}"
-            )
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        builtin = PRESET_DIR / f"{name_or_path}.yaml"
+        if path.suffix or not builtin.is_file():
+            raise ConfigError(
+                f"no config file {str(name_or_path)!r} and no preset of that name: give a YAML "
+                f"file or one of {available_presets()}"
+            )
+        path = builtin
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

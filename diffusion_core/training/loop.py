@@ -318,13 +318,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         # the global mean loss (every rank's batch), and NaN/Inf anywhere seen by every rank
-        stats = torch.stack([out["loss"], out.get("grad_norm", torch.zeros(()))]).float().cpu()
-        if world > 1:
+        zero = torch.zeros((), device=out["loss"].device)
+        stats = torch.stack([out["loss"], out.get("grad_norm", zero)]).float()
+        if world > 1:  # on the device: NCCL reduces CUDA tensors only
             import torch.distributed as dist
 
             dist.all_reduce(stats)
             stats /= world
-        loss, grad_norm = float(stats[0]), float(stats[1])
+        loss, grad_norm = (float(v) for v in stats.cpu())
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             msg = (
                 f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step "

@@ -336,6 +336,13 @@ def train(
             )
         stored = _read_json(f"{run_uri}/{RUN_JSON}")
         config = _resume_config(TrainConfig.model_validate(stored["config"]), config)
+        if _exists(f"{run_uri}/{SUMMARY_JSON}"):
+            done = _read_json(f"{run_uri}/{SUMMARY_JSON}")
+            if done.get("step", 0) >= config.steps:
+                raise ConfigError(
+                    f"run {resume!r} already completed its {done['step']} steps; pass a larger "
+                    "--steps to train it longer"
+                )
         data = data or stored["data"]
         name = resume
     else:

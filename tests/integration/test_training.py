@@ -214,6 +214,13 @@ def test_resume_gives_the_same_weights_as_a_straight_run(sr1_run, data, storage,
     again = _loss_history(storage, resumed.mlflow_run_id)
     assert [s for s, _ in again] == [s for s, _ in straight] == [2, 4, 6, 8]
     assert [v for _, v in again] == pytest.approx([v for _, v in straight], abs=1e-6)
+    # a finished run is not resumed again by accident (the CLI finds it by name)
+    with pytest.raises(ConfigError, match="already completed its 8 steps"):
+        train(resume=half.run_name, config=_cfg("sr1", storage))
+    from diffusion_core.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--resume", half.run_name, "--storage", str(storage)])
+    assert res.exit_code == 2 and "already completed" in res.output
     # both stages are now in the export folder: the whole cascade samples
     cascade = Cascade.load(export_dir)
     assert [s.name for s in cascade] == ["base", "sr1"]

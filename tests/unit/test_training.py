@@ -44,9 +44,14 @@ def test_presets_resolve_for_every_stage(name):
         assert all(len(v) <= 6000 for v in params.values())
 
 
-def test_preset_errors_say_what_to_do(tmp_path):
-    with pytest.raises(ConfigError, match="unknown preset 'nope'.*demo"):
+def test_preset_errors_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="no config file 'nope' and no preset.*demo"):
         load_preset("nope")
+    with pytest.raises(ConfigError, match="no config file 'x.yaml'"):
+        load_preset("x.yaml")
+    (tmp_path / "demo").mkdir()  # a folder named like a preset does not hide it
+    monkeypatch.chdir(tmp_path)
+    assert load_preset("demo").name == "demo"
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ncascade: {stages: []}\n")
     with pytest.raises(ConfigError, match="invalid preset"):
