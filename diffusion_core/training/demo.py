@@ -46,8 +46,15 @@ def held_out_captions(n: int, train_count: int, train_seed: int = 0) -> list[tup
     return out
 
 
-def caption_grid(images: np.ndarray, captions: list[str], scale: int = 4, cols: int = 4) -> Any:
-    """A PIL grid of uint8 [N, H, W, 3] images (upscaled ``scale``x), each above its caption."""
+def caption_grid(
+    images: np.ndarray,
+    captions: list[str],
+    matches: list[bool] | None = None,
+    scale: int = 4,
+    cols: int = 4,
+) -> Any:
+    """A PIL grid of uint8 [N, H, W, 3] images (upscaled ``scale``x), each above its caption;
+    with ``matches``, a green (match) or red (no match) frame and "OK"/"NO" before the caption."""
     from PIL import Image, ImageDraw
 
     n, h, w, _ = images.shape
@@ -59,7 +66,14 @@ def caption_grid(images: np.ndarray, captions: list[str], scale: int = 4, cols: 
         r, c = divmod(i, cols)
         x, y = c * cell_w, r * (h * scale + text_h)
         big = Image.fromarray(img).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-        grid.paste(big, (x + (cell_w - w * scale) // 2, y))
+        left = x + (cell_w - w * scale) // 2
+        grid.paste(big, (left, y))
+        if matches is not None:
+            colour = (30, 160, 60) if matches[i] else (220, 30, 30)
+            draw.rectangle(
+                (left, y, left + w * scale - 1, y + h * scale - 1), outline=colour, width=2
+            )
+            cap = ("OK  " if matches[i] else "NO  ") + cap
         words, lines, line = cap.split(), [], ""
         for word in words:
             if len(line) + len(word) + 1 > cell_w // 6:
@@ -77,7 +91,7 @@ def sample_and_check(
     cascade_dir: Path, out: Path, *, train_count: int, samples: int = 16, steps: int = 50
 ) -> list[dict[str, Any]]:
     """Sample the cascade for held-out captions (one seed each), check every image with the
-    shapes checker, write ``grid.png`` (✓/✗ before each caption); return one row per caption."""
+    shapes checker, write ``grid.png`` (OK/NO and a green/red frame); return a row per caption."""
     from diffusion_core.cascade import Cascade
     from diffusion_core.data.shapes import check_caption
 
@@ -88,8 +102,7 @@ def sample_and_check(
     images_np = images.numpy()  # type: ignore[union-attr]
     checks = [check_caption(img, cap) for img, cap in zip(images_np, captions, strict=True)]
     out.mkdir(parents=True, exist_ok=True)
-    marks = [("✓ " if c.match else "✗ ") + cap for c, cap in zip(checks, captions, strict=True)]
-    caption_grid(images_np, marks).save(out / "grid.png")
+    caption_grid(images_np, captions, [c.match for c in checks]).save(out / "grid.png")
     return [
         {"caption": cap, "in_training_set": seen, "match": c.match, "reason": c.reason}
         for (cap, seen), c in zip(held, checks, strict=True)

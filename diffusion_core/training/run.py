@@ -498,6 +498,13 @@ def _fit(
     ensure_ray()
     sc = config.scaling
     env = {"OMP_NUM_THREADS": str(sc.torch_threads), "MLFLOW_TRACKING_URI": tracking_uri}
+    from diffusion_core.training.submit import source_root
+
+    root = source_root()
+    if root is not None:  # workers import this checkout even where it is not pip-installed
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p
+        )
     if fault is not None:
         env[FAULT_ENV] = json.dumps(fault)
     trainer = TorchTrainer(
