@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion_core.cascade import TEXT_KEYS, Stage, images_to_model, model_to_images, resize
+from diffusion_core.cascade import (
+    TEXT_KEYS,
+    Stage,
+    images_to_model,
+    model_to_images,
+    resize,
+    training_step,
+)
 from diffusion_core.training.config import TrainConfig
 from diffusion_core.training.data import ShardReader, StepSampler, iter_batches, read_manifest
 from diffusion_core.training.state import (
@@ -55,7 +62,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _maybe_inject_fault(step: int, rank: int, run_dir: Path | None) -> None:
+def _maybe_inject_fault(step: int, rank: int) -> None:
     """Test hook: ``$CASCADE_TRAIN_FAULT = {"step": s, "rank": r, "kind": "exit"|"nan"|"raise",
     "marker": path, "delay_s": d}`` kills/breaks rank r at step s (after d seconds), once (the
     marker file records that it did)."""
@@ -314,7 +321,15 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         gen = seed_step(cfg.seed, step, rank)
         if _nan_fault(step, rank):
             batch = dict(batch, text_pooled=batch["text_pooled"] * float("nan"))
-        out = training_step_fn(stage, batch, optimizer, model, gen, cfg.grad_clip, autocast)
+        out = training_step(
+            stage,
+            batch,
+            optimizer,
+            model=model,
+            generator=gen,
+            max_grad_norm=cfg.grad_clip,
+            autocast_dtype=autocast,
+        )
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         # the global mean loss (every rank's batch), and NaN/Inf anywhere seen by every rank
@@ -338,7 +353,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             raise NonFiniteLossError(msg)
         if ema is not None:
             ema.update(stage.network)
-        _maybe_inject_fault(step, rank, run_dir)
+        _maybe_inject_fault(step, rank)
         window.append((loss, grad_norm))
         if rank == 0 and (step % cfg.log_every == 0 or step == stop):
             now = time.perf_counter()
@@ -378,25 +393,3 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if stop == cfg.steps and start < stop:
             log_grid(stop)
     reader.close()
-
-
-def training_step_fn(
-    stage: Stage,
-    batch: dict[str, Any],
-    optimizer: torch.optim.Optimizer,
-    model: torch.nn.Module,
-    generator: torch.Generator,
-    grad_clip: float | None,
-    autocast: torch.dtype | None,
-) -> dict[str, torch.Tensor]:
-    from diffusion_core.cascade import training_step
-
-    return training_step(
-        stage,
-        batch,
-        optimizer,
-        model=model,
-        generator=generator,
-        max_grad_norm=grad_clip,
-        autocast_dtype=autocast,
-    )
