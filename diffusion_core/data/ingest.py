@@ -38,6 +38,7 @@ from diffusion_core.data.images import ImageLimits, Rejected, decode_resize, enc
 from diffusion_core.data.reasons import Reason
 from diffusion_core.data.sources import SourceError, plan, read_unit
 from diffusion_core.data.tario import DeterministicTarWriter, sha256_file
+from diffusion_core.ray_env import ensure_ray
 from diffusion_core.text import normalize_caption
 
 SCHEMA_VERSION = 1
@@ -438,19 +439,6 @@ class DatasetWriter:
 
 
 # ------------------------------------------------------------------------------------ runners
-
-
-def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray (no-op if already running)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
-    else:
-        cpus = num_cpus or len(os.sched_getaffinity(0))
-        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
 
 
 def _check_out(cfg: IngestConfig) -> None:

@@ -121,8 +121,8 @@ def run_demo(
 
     from diffusion_core.data.ingest import IngestConfig, ingest
     from diffusion_core.data.shapes import write_shapes
+    from diffusion_core.ray_env import ensure_ray
     from diffusion_core.training import load_preset, train
-    from diffusion_core.training.run import ensure_ray
 
     out = Path(out).resolve()
     cfg = load_preset(preset)
