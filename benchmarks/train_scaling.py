@@ -33,7 +33,8 @@ import torch
 
 def loader_rate(data: str, batch: int, world: int, seconds: float) -> float:
     """Images/s of one worker's reader (decode + collate), one thread, rank 0's batches."""
-    from diffusion_core.training.data import ShardReader, StepSampler, read_manifest
+    from diffusion_core.data.format import read_manifest
+    from diffusion_core.training.reader import ShardReader, StepSampler
 
     reader = ShardReader(read_manifest(data))
     sampler = StepSampler(len(reader), batch * world, world, seed=0)

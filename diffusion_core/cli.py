@@ -38,7 +38,7 @@ def demo(
     """Run the whole pipeline on the built-in data: the chapter's figures, then shapes ->
     ingest -> train every stage -> a sample grid of held-out captions, checked."""
     figures(out=out / "figures", seed=0)
-    from diffusion_core.training.demo import run_demo
+    from flows.demo import run_demo  # orchestration lives with the flows
 
     run_demo(out, count=count, preset=preset, echo=typer.echo)
 
@@ -56,11 +56,27 @@ def ingest(
         64_000_000, help="Refuse images with more pixels before decoding (decompression bombs)."
     ),
     max_tokens: int = typer.Option(32, help="Per-token caption states kept per sample."),
+    max_file_bytes: int = typer.Option(
+        64 * 2**20, help="Refuse any input file or tar member larger than this, unread."
+    ),
+    allow_root: list[str] = typer.Option(
+        [],
+        "--allow-root",
+        help="A folder (or URL prefix) that manifest paths may point into besides the "
+        "manifest's own folder; repeatable.",
+    ),
+    allow_remote: bool = typer.Option(
+        False, "--allow-remote", help="Let manifests name fsspec URLs (s3://, https://, ...)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the dataset already in --out (refused otherwise)."
+    ),
 ) -> None:
     """Validate raw image/caption data and write versioned webdataset shards (a Ray Data job).
 
     Exits 0 when the run completes, even with rejected inputs (listed in rejected.jsonl);
-    non-zero when it cannot run (a missing or empty source, an unwritable output).
+    non-zero when it cannot run (a missing or empty source, an unwritable output, an output
+    folder that already holds a dataset).
     """
     from pydantic import ValidationError
     from rich.console import Console
@@ -79,6 +95,10 @@ def ingest(
             min_size=min_size,
             max_pixels=max_pixels,
             max_tokens=max_tokens,
+            max_file_bytes=max_file_bytes,
+            allow_roots=allow_root,
+            allow_remote=allow_remote,
+            overwrite=overwrite,
         )
     except ValidationError as e:
         err.print(f"[red]error:[/red] invalid option: {e}", soft_wrap=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 _INIT_LOCK = threading.Lock()
 
@@ -31,3 +32,11 @@ def ensure_ray() -> None:
                 dashboard_host="127.0.0.1",
                 log_to_driver=to_driver,
             )
+
+
+def source_root() -> Path | None:
+    """The source checkout this package runs from (it has a pyproject.toml), if any: shipped to
+    Ray workers (``PYTHONPATH`` locally, ``working_dir`` for the Jobs API) so that they import
+    this code even where it is not pip-installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None

@@ -1,6 +1,6 @@
 """Noise schedules and the closed-form quantities of the forward (diffusion) process.
 
-Chapter 18 of Prince, *Understanding Deep Learning* (``shared/seed``), sections 18.2 and 18.4.
+Chapter 18 of Prince, *Understanding Deep Learning*, sections 18.2 and 18.4.
 
 Notation. The chapter writes alpha_t for the cumulative product prod_s (1 - beta_s); we call it
 ``alpha_bar`` (as Ho et al. do) and keep ``alphas = 1 - betas`` for the per-step factor.
@@ -29,15 +29,32 @@ class ScheduleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["linear", "cosine", "constant"] = "linear"
-    T: int = Field(1000, ge=1)
+    T: int = Field(1000, ge=1, description="steps of the process (before any respacing)")
     beta: float | None = Field(None, gt=0.0, lt=1.0, description="only for kind='constant'")
+    cosine_s: float | None = Field(
+        None, ge=0.0, description="kind='cosine': the offset s (None: 0.008, Nichol & Dhariwal)"
+    )
+    max_beta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="kind='cosine': the clip of beta_t (None: 0.999)"
+    )
+    timesteps: tuple[int, ...] | None = Field(
+        None, description="a respaced schedule: the steps of the T-step process it keeps (18.6.2)"
+    )
 
     @model_validator(mode="after")
-    def _beta_only_for_constant(self) -> ScheduleConfig:
+    def _fields_of_their_kind(self) -> ScheduleConfig:
         if self.kind == "constant" and self.beta is None:
             raise ValueError("a 'constant' schedule needs beta (e.g. beta=0.01)")
         if self.kind != "constant" and self.beta is not None:
             raise ValueError(f"beta is only used by kind='constant', not kind={self.kind!r}")
+        if self.kind != "cosine" and (self.cosine_s, self.max_beta) != (None, None):
+            raise ValueError(f"cosine_s and max_beta are only used by kind='cosine', not {self.kind!r}")
+        if self.timesteps is not None:
+            ts = self.timesteps
+            if not ts or any(b <= a for a, b in zip(ts, ts[1:], strict=False)):
+                raise ValueError(f"timesteps must be strictly increasing, got {list(ts)}")
+            if ts[0] < 0 or ts[-1] >= self.T:
+                raise ValueError(f"timesteps must lie in [0, T-1={self.T - 1}], got {list(ts)}")
         return self
 
 
@@ -99,7 +116,13 @@ class NoiseSchedule:
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         alpha_bar = f / f[0]
         betas = (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(min=1e-8, max=max_beta)
-        return cls(betas, ScheduleConfig(kind="cosine", T=T))
+        config = ScheduleConfig(
+            kind="cosine",
+            T=T,
+            cosine_s=None if s == 0.008 else s,
+            max_beta=None if max_beta == 0.999 else max_beta,
+        )
+        return cls(betas, config)
 
     @classmethod
     def constant(cls, beta: float, T: int) -> NoiseSchedule:
@@ -109,12 +132,19 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config: ScheduleConfig | dict) -> NoiseSchedule:
+        """The schedule a config describes (``schedule.config`` round-trips through JSON)."""
         config = ScheduleConfig.model_validate(config)
         if config.kind == "linear":
-            return cls.linear(config.T)
-        if config.kind == "cosine":
-            return cls.cosine(config.T)
-        return cls.constant(config.beta, config.T)  # type: ignore[arg-type]
+            base = cls.linear(config.T)
+        elif config.kind == "cosine":
+            base = cls.cosine(
+                config.T,
+                s=0.008 if config.cosine_s is None else config.cosine_s,
+                max_beta=0.999 if config.max_beta is None else config.max_beta,
+            )
+        else:
+            base = cls.constant(config.beta, config.T)  # type: ignore[arg-type]
+        return base if config.timesteps is None else base.respace(list(config.timesteps))
 
     # ----------------------------------------------------------------- properties
     @property
@@ -238,4 +268,8 @@ class NoiseSchedule:
             raise ValueError(f"timesteps must lie in [0, {self.T - 1}], got {ts.tolist()}")
         ab = self.alpha_bar[ts]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-        return NoiseSchedule(1.0 - ab / ab_prev)
+        config = None
+        if self.config is not None:  # steps of the original process (respacing composes)
+            kept = ts if self.config.timesteps is None else torch.tensor(self.config.timesteps)[ts]
+            config = self.config.model_copy(update={"timesteps": tuple(int(t) for t in kept)})
+        return NoiseSchedule(1.0 - ab / ab_prev, config)

@@ -1,8 +1,11 @@
-"""The ingest flow: raw image/caption data → versioned webdataset shards (DESIGN §1).
+"""The ingest flow: raw image/caption data → versioned webdataset shards (``docs/data.md``).
 
 A thin Prefect 3 flow over :func:`diffusion_core.data.ingest.ingest`: typed parameters (the
-pydantic :class:`~diffusion_core.data.ingest.IngestConfig`), retries for transient failures
-(the job is idempotent, so a retry re-runs it cleanly), and the summary as a markdown artifact.
+pydantic :class:`~diffusion_core.data.ingest.IngestConfig`, safety options included:
+``allow_roots``, ``allow_remote``, ``max_file_bytes``, ``overwrite``), retries for transient
+failures (a failed run leaves no manifest, so a retry finishes it cleanly), and the summary as a
+markdown artifact. An ``out`` that already holds a dataset is refused (immutable) without retries:
+schedule each run into its own folder, or pass ``overwrite``.
 """
 
 from __future__ import annotations
@@ -13,21 +16,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from diffusion_core.data.ingest import IngestConfig, IngestError, IngestResult, ingest
+from diffusion_core.data.ingest import IngestConfig, IngestResult, ingest
+from flows.retry import retry_if_transient
 
 
-def _retry_if_transient(task, task_run, state) -> bool:
-    """Retry job failures, never bad sources or a bad output folder."""
-    try:
-        state.result()
-    except IngestError as e:
-        return e.transient
-    except Exception:  # noqa: BLE001 - anything else (I/O, Ray) may be transient
-        return True
-    return False
-
-
-@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_if_transient)
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient)
 def run_ingest(cfg: IngestConfig) -> dict[str, Any]:
     logger = get_run_logger()
     last = [0]

@@ -1,4 +1,4 @@
-"""The training flows: one Ray Train job per cascade stage (DESIGN §1).
+"""The training flows: one Ray Train job per cascade stage (``docs/training.md``).
 
 Thin Prefect 3 flows over :func:`diffusion_core.training.train`:
 
@@ -20,14 +20,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffusion_core.training import (
-    ConfigError,
-    DataError,
-    NonFiniteLossError,
-    load_preset,
-    train,
-)
-from diffusion_core.training.run import new_run_name, read_run
+from diffusion_core.training import ConfigError, load_preset, train
+from diffusion_core.training.runs import new_run_name, read_run
+from flows.retry import retry_if_transient
 
 
 class TrainStageParams(BaseModel):
@@ -46,17 +41,7 @@ class TrainStageParams(BaseModel):
     resume: str | None = Field(None, description="Resume this run instead of starting one.")
 
 
-def _retry_if_transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except (ConfigError, DataError, NonFiniteLossError):
-        return False
-    except Exception:  # noqa: BLE001 - Ray/IO failures: resume the run
-        return True
-    return False
-
-
-@task(retries=1, retry_delay_seconds=10, retry_condition_fn=_retry_if_transient)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
 def train_stage_task(params: TrainStageParams) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = load_preset(params.config).for_stage(params.stage, **params.overrides)

@@ -1,9 +1,14 @@
-"""Builders of raw ingest inputs, good and hostile, shared by the unit and integration tests."""
+"""Builders of raw ingest inputs, good and hostile, shared by the unit and integration tests.
+
+The hostile inputs assume ``IngestConfig(max_file_bytes=MAX_FILE_BYTES)`` and, for the
+manifests, ``allow_roots=[images]``.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import tarfile
 import zlib
@@ -58,6 +63,27 @@ def rgba_png() -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+MAX_FILE_BYTES = 1_000_000  # the cap the tests ingest with
+HUGE = 5 * 2**30  # a sparse "image" of 5 GB: refused by its size, never read
+
+
+def sparse(path: Path, size: int = HUGE) -> Path:
+    """A file of ``size`` bytes that takes no disk space (and must never be read)."""
+    with open(path, "wb") as f:
+        os.truncate(f.fileno(), size)
+    return path
+
+
+def outside_secrets(folder: Path) -> Path:
+    """Files outside every source, which a safe ingest must never read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "secret.txt").write_text("the secret caption")
+    (folder / "secret.png").write_bytes(png((40, 40), (1, 2, 3)))
+    (folder / "x.png").write_bytes(png())
+    (folder / "x.txt").write_text("a caption behind a linked folder")
+    return folder
 
 
 def add(tf: tarfile.TarFile, name: str, data: bytes = b"", **attrs) -> None:
@@ -117,6 +143,8 @@ def build_hostile_img2dataset(root: Path) -> dict[str, int]:
         add(tf, "000000013.txt", b"a green square")
         add(tf, "000000000.png", png())  # duplicate_key (same tar, later)
         add(tf, "000000000.txt", cap)
+        add(tf, "000000014.png", b"\0" * (MAX_FILE_BYTES + 1))  # file_too_large (tar header)
+        add(tf, "000000014.txt", cap)  # then missing_image: its image was refused
     # a second shard: a duplicate of a key of the first, one good sample, and a failed download
     write_tar(
         root / "00001.tar",
@@ -153,7 +181,7 @@ def build_hostile_img2dataset(root: Path) -> dict[str, int]:
         "empty_file": 1,
         "not_an_image": 1,
         "missing_caption": 1,
-        "missing_image": 2,
+        "missing_image": 3,
         "caption_not_utf8": 1,
         "empty_caption": 1,
         "too_small": 1,
@@ -164,14 +192,17 @@ def build_hostile_img2dataset(root: Path) -> dict[str, int]:
         "duplicate_key": 2,
         "download_failed": 1,
         "truncated_tar": 1,
+        "file_too_large": 1,
     }
 
 
 HOSTILE_ACCEPTED = 5  # 000000000, 000000001, 000000013, 000010000, 000020000
 
 
-def build_folder(root: Path) -> dict[str, int]:
-    """An image folder with sidecars; returns expected rejections (3 accepted)."""
+def build_folder(root: Path, outside: Path | None = None) -> dict[str, int]:
+    """An image folder with sidecars, and links out of it; returns expected rejections (3
+    accepted). ``outside`` (default: a sibling folder) holds what the links point at."""
+    outside = outside_secrets(outside or root.parent / f"{root.name}-outside")
     (root / "sub").mkdir(parents=True)
     (root / "a.jpg").write_bytes(jpeg())
     (root / "a.txt").write_text("a blue square")
@@ -183,15 +214,37 @@ def build_folder(root: Path) -> dict[str, int]:
     (root / "orphan.txt").write_text("no image here")  # missing_image
     (root / "nocap.png").write_bytes(png())  # missing_caption
     (root / "notes.md").write_text("ignored: not an image nor a caption")
-    return {"duplicate_key": 1, "missing_image": 1, "missing_caption": 1}
+    # never followed: a caption sidecar that is a link (its image then lacks a caption), an image
+    # that is a link (its sidecar then lacks an image), a linked subfolder (not entered)
+    (root / "leak.png").write_bytes(png())
+    (root / "leak.txt").symlink_to(outside / "secret.txt")
+    (root / "sub" / "lnk.png").symlink_to(outside / "secret.png")
+    (root / "sub" / "lnk.txt").write_text("an image behind a link")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    sparse(root / "huge.png")  # file_too_large, by stat
+    (root / "huge.txt").write_text("a 5 GB image")
+    return {
+        "duplicate_key": 1,
+        "missing_image": 2,
+        "missing_caption": 2,
+        "symlink": 3,
+        "file_too_large": 1,
+    }
 
 
-def build_manifests(root: Path, images: Path) -> dict[str, int]:
-    """jsonl + csv + parquet manifests pointing at files in ``images``; 4 accepted."""
+def build_manifests(root: Path, images: Path, outside: Path | None = None) -> dict[str, int]:
+    """jsonl + csv + parquet manifests pointing at files in ``images`` (ingested with
+    ``allow_roots=[images]``) and, refused, at files outside it and the manifests' folder;
+    4 accepted."""
     root.mkdir(parents=True)
     images.mkdir(parents=True)
+    outside = outside_secrets(outside or root.parent / f"{root.name}-outside")
     (images / "m1.png").write_bytes(png((40, 40), (255, 0, 255)))
     (images / "m2.jpg").write_bytes(jpeg())
+    (images / "link.png").symlink_to(outside / "secret.png")  # inside, but resolves outside
+    sparse(images / "huge.png")
+    secret = outside / "secret.png"
+    up = os.path.relpath(secret, root)  # '../<outside>/secret.png'
     lines = [
         json.dumps(
             {"path": str(images / "m1.png"), "caption": "a magenta square", "license": "CC0"}
@@ -202,13 +255,30 @@ def build_manifests(root: Path, images: Path) -> dict[str, int]:
         json.dumps(
             {"path": str(images / "m1.png"), "caption": None, "key": "k3"}
         ),  # missing_caption
+        # unsafe_path: outside the manifest's folder and the allowed roots, or a URL
+        json.dumps({"path": str(secret), "caption": "absolute", "key": "u1"}),
+        json.dumps({"path": up, "caption": "dot-dot", "key": "u2"}),
+        json.dumps({"path": f"file://{secret}", "caption": "file URL", "key": "u3"}),
+        json.dumps({"path": str(images / "link.png"), "caption": "a link out", "key": "u4"}),
+        json.dumps({"path": "http://127.0.0.1:9/secret.png", "caption": "remote", "key": "u5"}),
+        json.dumps(
+            {"path": str(images / "huge.png"), "caption": "5 GB", "key": "big"}
+        ),  # too large
     ]
     (root / "list.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "list.csv").write_text(f"image_path,text,key\n{images / 'm1.png'},a csv caption,csv1\n")
+    # a relative path: resolved from the manifest's folder (into the allowed root)
+    rel = os.path.relpath(images / "m1.png", root)
+    (root / "list.csv").write_text(f"image_path,text,key\n{rel},a csv caption,csv1\n")
     pq.write_table(
         pa.table(
             {"url": [str(images / "m2.jpg")], "caption": ["a parquet caption"], "id": ["pq1"]}
         ),
         root / "list.parquet",
     )
-    return {"missing_image": 1, "bad_manifest_row": 1, "missing_caption": 1}
+    return {
+        "missing_image": 1,
+        "bad_manifest_row": 1,
+        "missing_caption": 1,
+        "unsafe_path": 5,
+        "file_too_large": 1,
+    }

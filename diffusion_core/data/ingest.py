@@ -1,4 +1,4 @@
-"""The ingest job: raw image/caption inputs → validated, versioned webdataset shards (DESIGN §4).
+"""The ingest job: raw image/caption inputs → validated, versioned webdataset shards (``docs/data.md``).
 
 Stages (each a pure function over a pyarrow table, so the Ray Data job and the single-process
 loop run the very same code):
@@ -10,7 +10,10 @@ loop run the very same code):
    output into ``batch_size``-row blocks.)
 3. :class:`EmbedStage`: caption embeddings with the text encoder (a Ray actor pool).
 4. :class:`DatasetWriter` (driver): duplicate keys, shard membership in input order, atomic shard
-   writes, ``rejected.jsonl`` and ``manifest.json``.
+   writes, ``rejected.jsonl`` and ``manifest.json`` (the format: :mod:`diffusion_core.data.format`).
+
+Every input file is read through :mod:`diffusion_core.data.safety` (no symlink followed, no path
+outside its source, a size cap checked before reading), in the Ray tasks and the local loop alike.
 
 Determinism: units are sorted, rows keep input order (Ray Data ``preserve_order``), and every
 per-row result depends on that row alone (the text encoder is batch-invariant), so the same input
@@ -24,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -34,17 +36,27 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from diffusion_core.data.format import (
+    MANIFEST,
+    REJECTED,
+    SHARD_PATTERN,
+    SHARD_RE,
+    DataError,
+    build_manifest,
+    dataset_info,
+    load_manifest,
+    verify_shards,
+    write_manifest,
+)
 from diffusion_core.data.images import ImageLimits, Rejected, decode_resize, encode_png
 from diffusion_core.data.reasons import Reason
+from diffusion_core.data.safety import DEFAULT_MAX_FILE_BYTES, ReadPolicy
 from diffusion_core.data.sources import SourceError, plan, read_unit
-from diffusion_core.data.tario import DeterministicTarWriter, sha256_file
+from diffusion_core.data.tario import DeterministicTarWriter
 from diffusion_core.ray_env import ensure_ray
+from diffusion_core.storage import PARTIAL_SUFFIX, AtomicFile
 from diffusion_core.text import normalize_caption
 
-SCHEMA_VERSION = 1
-SHARD_PATTERN = "shard-%06d.tar"
-_SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
-MEMBERS = ("png", "txt", "json", "emb.npy", "tok.npy")
 ROWS_PER_BLOCK = 64
 
 RAW_SCHEMA = pa.schema(
@@ -112,6 +124,20 @@ class IngestConfig(BaseModel):
     max_pixels: int = Field(
         64_000_000, ge=1, description="Refuse images above this many pixels before decoding."
     )
+    max_file_bytes: int = Field(
+        DEFAULT_MAX_FILE_BYTES,
+        ge=1,
+        description="Refuse any input file or tar member larger than this, before reading it.",
+    )
+    allow_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders (or URL prefixes) that manifest paths may point into, besides the "
+        "manifest's own folder.",
+    )
+    allow_remote: bool = Field(False, description="Let manifests name fsspec URLs (s3://, ...).")
+    overwrite: bool = Field(
+        False, description="Replace a complete dataset already in `out` (it is immutable else)."
+    )
     text_encoder: str = Field("all-MiniLM-L6-v2", description="Registered text encoder name.")
     max_tokens: int = Field(32, ge=1, le=512, description="Token states kept per caption.")
     batch_size: int = Field(
@@ -120,7 +146,7 @@ class IngestConfig(BaseModel):
     reader_cpus: float = Field(0.5, gt=0, description="CPUs per read/decode task.")
     num_encoders: int = Field(2, ge=1, description="Size of the text-encoder actor pool.")
     encoder_cpus: float = Field(
-        0.5, gt=0, description="CPUs per encoder actor (fractional: see STACK-NOTES)."
+        0.5, gt=0, description="CPUs per encoder actor (fractional: whole-CPU actors hang on 2 cores, docs/data.md)."
     )
 
     @field_validator("out")
@@ -134,9 +160,29 @@ class IngestConfig(BaseModel):
             )
         return v
 
+    @field_validator("allow_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[str]) -> list[str]:
+        # Made absolute here, on the driver: Ray workers run in another working directory.
+        out = []
+        for r in roots:
+            if not r:
+                raise ValueError("allow_roots: an empty path would allow the working directory")
+            local = r.startswith("file://") or "://" not in r
+            out.append(os.path.abspath(r.removeprefix("file://")) if local else r)
+        return out
+
     @property
     def limits(self) -> ImageLimits:
         return ImageLimits(min_size=self.min_size, max_pixels=self.max_pixels)
+
+    @property
+    def policy(self) -> ReadPolicy:
+        return ReadPolicy(
+            max_file_bytes=self.max_file_bytes,
+            allow_roots=tuple(self.allow_roots),
+            allow_remote=self.allow_remote,
+        )
 
 
 @dataclass
@@ -167,11 +213,11 @@ def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def read_stage(batch: pa.Table) -> Iterator[pa.Table]:
+def read_stage(batch: pa.Table, policy: ReadPolicy) -> Iterator[pa.Table]:
     """Read units (one JSON string per row in ``unit``) into blocks of raw rows."""
     for unit_json in batch.column("unit").to_pylist():
         buf: list[dict[str, Any]] = []
-        for r in read_unit(json.loads(unit_json)):
+        for r in read_unit(json.loads(unit_json), policy):
             d = asdict(r)
             d["meta"] = json.dumps(d["meta"], sort_keys=True)
             d["reason"] = str(r.reason) if r.reason is not None else None
@@ -227,9 +273,11 @@ def process_stage(batch: pa.Table, resolution: int, limits: ImageLimits) -> pa.T
     return _rows_to_table(rows, PROCESSED_SCHEMA)
 
 
-def read_process_stage(batch: pa.Table, resolution: int, limits: ImageLimits) -> Iterator[pa.Table]:
+def read_process_stage(
+    batch: pa.Table, resolution: int, limits: ImageLimits, policy: ReadPolicy
+) -> Iterator[pa.Table]:
     """Stages 1 and 2 in one task per read unit (one tar, or one chunk of files/rows)."""
-    for raw in read_stage(batch):
+    for raw in read_stage(batch, policy):
         yield process_stage(raw, resolution, limits)
 
 
@@ -283,11 +331,37 @@ class EmbedStage:
 # ------------------------------------------------------------------------------------ writer
 
 
+def refuse_existing_dataset(cfg: IngestConfig) -> None:
+    """A folder with a manifest is a finished dataset, and immutable: training runs and model
+    versions name it by its version. Refuse to write into it unless ``cfg.overwrite``.
+
+    Returning the existing dataset when the new run would reproduce it is not done: its version
+    hashes the output bytes (embeddings, PNGs), which only the whole run can tell, and a cheap
+    guess (file sizes and mtimes, config) would silently keep a stale dataset after a code or
+    data change. A nightly job ingests into a new folder (or passes ``overwrite``).
+    """
+    path = os.path.join(cfg.out, MANIFEST)
+    if cfg.overwrite or not os.path.lexists(path):
+        return
+    try:
+        version = str(load_manifest(cfg.out).get("dataset_version"))
+        what = f"dataset {version}"
+    except DataError as e:
+        what = f"a {MANIFEST} that cannot be read ({e})"
+    raise IngestError(
+        f"--out {cfg.out!r} already holds {what}: a dataset folder is immutable once its "
+        f"{MANIFEST} is written. Ingest into a new folder, or pass --overwrite "
+        "(IngestConfig.overwrite=True) to replace it",
+        transient=False,
+    )
+
+
 class DatasetWriter:
     """Consumes sample rows in input order; writes shards, ``rejected.jsonl``, ``manifest.json``.
 
     The manifest is written last, atomically: a folder is a complete dataset iff it has one.
-    Starting a run removes the old manifest and any partial file an interrupted run left.
+    Starting a run removes any partial file an interrupted run left (and, with ``overwrite``,
+    the old manifest first, so that the folder is never a complete dataset half rewritten).
     """
 
     def __init__(self, cfg: IngestConfig) -> None:
@@ -301,16 +375,15 @@ class DatasetWriter:
         self.shards: list[dict[str, Any]] = []
         self.encoder_id: str | None = None
         self._shard: DeterministicTarWriter | None = None
-        self._rej_path = os.path.join(self.out, "rejected.jsonl")
-        self._rej_tmp = os.path.join(self.out, ".rejected.jsonl.partial")
-        self._rej = open(self._rej_tmp, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        self._rej = AtomicFile(os.path.join(self.out, REJECTED))
         self._rej_hash = hashlib.sha256()
 
     def _clean_start(self) -> None:
-        manifest = os.path.join(self.out, "manifest.json")
-        if os.path.exists(manifest):
+        refuse_existing_dataset(self.cfg)  # again: another run may have finished meanwhile
+        manifest = os.path.join(self.out, MANIFEST)
+        if os.path.lexists(manifest):
             os.remove(manifest)
-        for p in glob.glob(os.path.join(glob.escape(self.out), ".*.partial")):
+        for p in glob.glob(os.path.join(glob.escape(self.out), f".*{PARTIAL_SUFFIX}")):
             os.remove(p)
 
     def _reject(self, source: str, reason: str, detail: str) -> None:
@@ -376,20 +449,15 @@ class DatasetWriter:
         if self._shard is not None:
             self._shard.abort()
             self._shard = None
-        self._rej.close()
-        if os.path.exists(self._rej_tmp):
-            os.remove(self._rej_tmp)
+        self._rej.abort()
 
     def finish(self) -> dict[str, Any]:
         if self._shard is not None:
             self._close_shard()
-        self._rej.flush()
-        os.fsync(self._rej.fileno())
-        self._rej.close()
-        os.replace(self._rej_tmp, self._rej_path)
+        self._rej.commit()
         # shards left by an earlier run that produced more of them
         for p in os.listdir(self.out):
-            m = _SHARD_RE.match(p)
+            m = SHARD_RE.match(p)
             if m and int(m.group(1)) >= len(self.shards):
                 os.remove(os.path.join(self.out, p))
         return self._write_manifest()
@@ -399,42 +467,30 @@ class DatasetWriter:
         p = self.progress
         if p.read != p.accepted + p.rejected:  # pragma: no cover - an invariant
             raise IngestError(f"read {p.read} != accepted {p.accepted} + rejected {p.rejected}")
-        content = {
-            "schema_version": SCHEMA_VERSION,
-            "format": {
-                "shard_pattern": SHARD_PATTERN,
-                "members": list(MEMBERS),
-                "image": {"format": "png", "mode": "RGB", "resolution": cfg.resolution},
-                "emb.npy": {"dtype": "float32", "shape": "[dim]"},
-                "tok.npy": {"dtype": "float16", "shape": "[max_tokens, dim]"},
-            },
-            "resolution": cfg.resolution,
-            "text_encoder": {
+        manifest = build_manifest(
+            resolution=cfg.resolution,
+            text_encoder={
                 "name": cfg.text_encoder,
                 "id": self.encoder_id,
                 "max_tokens": cfg.max_tokens,
             },
-            "validation": {"min_size": cfg.min_size, "max_pixels": cfg.max_pixels},
-            "shard_size": cfg.shard_size,
-            "shards": self.shards,
-            "counts": {
+            validation={
+                "min_size": cfg.min_size,
+                "max_pixels": cfg.max_pixels,
+                "max_file_bytes": cfg.max_file_bytes,
+            },
+            shard_size=cfg.shard_size,
+            shards=self.shards,
+            counts={
                 "read": p.read,
                 "accepted": p.accepted,
                 "rejected": p.rejected,
                 "rejected_by_reason": dict(sorted(self.by_reason.items())),
             },
-            "rejected_file": {"name": "rejected.jsonl", "sha256": self._rej_hash.hexdigest()},
-        }
-        canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
-        version = hashlib.sha256(canonical).hexdigest()
-        manifest = {"dataset_version": version, **content, "sources": list(cfg.sources)}
-        tmp = os.path.join(self.out, ".manifest.json.partial")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.out, "manifest.json"))
+            rejected_sha256=self._rej_hash.hexdigest(),
+            sources=cfg.sources,
+        )
+        write_manifest(self.out, manifest)
         return manifest
 
 
@@ -458,7 +514,7 @@ def _iter_local(units: list[dict[str, Any]], cfg: IngestConfig, single_thread: b
     embed = EmbedStage(cfg.text_encoder, cfg.max_tokens, single_thread=single_thread)
     for u in units:
         unit_table = pa.table({"unit": [json.dumps(u, sort_keys=True)]})
-        for processed in read_process_stage(unit_table, cfg.resolution, cfg.limits):
+        for processed in read_process_stage(unit_table, cfg.resolution, cfg.limits, cfg.policy):
             yield embed(processed)
 
 
@@ -482,7 +538,7 @@ def _iter_ray(units: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[pa.Tab
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=cfg.reader_cpus,
-            fn_kwargs={"resolution": cfg.resolution, "limits": cfg.limits},
+            fn_kwargs={"resolution": cfg.resolution, "limits": cfg.limits, "policy": cfg.policy},
         )
         # A unit (say a 10k-sample tar) comes out as one big block; slice it, streaming, so that
         # every encoder actor gets work and memory stays bounded.
@@ -515,6 +571,7 @@ def ingest(
 
     t0 = time.perf_counter()
     _check_out(cfg)
+    refuse_existing_dataset(cfg)  # before any work: cheap, and the most likely mistake
     try:
         units = plan(cfg.sources)
     except SourceError as e:
@@ -546,7 +603,7 @@ def ingest(
     counts = manifest["counts"]
     return IngestResult(
         out=cfg.out,
-        manifest_path=os.path.join(cfg.out, "manifest.json"),
+        manifest_path=os.path.join(cfg.out, MANIFEST),
         dataset_version=manifest["dataset_version"],
         read=counts["read"],
         accepted=counts["accepted"],
@@ -558,14 +615,11 @@ def ingest(
 
 
 def verify(out: str) -> dict[str, Any]:
-    """Check a dataset folder against its manifest (sha256 of every shard); return the manifest."""
-    path = os.path.join(out, "manifest.json")
-    if not os.path.exists(path):
-        raise IngestError(f"{out!r} has no manifest.json: not a complete dataset")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    for s in manifest["shards"]:
-        got = sha256_file(os.path.join(out, s["name"]))
-        if got != s["sha256"]:
-            raise IngestError(f"shard {s['name']} has sha256 {got}, manifest says {s['sha256']}")
+    """Check a dataset folder against its manifest (:func:`~diffusion_core.data.format.
+    verify_shards`, also for a dataset with no accepted sample); return the manifest."""
+    try:
+        manifest = load_manifest(out)
+        verify_shards(dataset_info(out, manifest))
+    except DataError as e:
+        raise IngestError(str(e)) from e
     return manifest

@@ -21,8 +21,15 @@ class Reason(StrEnum):
     EMPTY_CAPTION = "empty_caption"  # empty after Unicode NFC and whitespace normalisation
     # the sample's identity
     DUPLICATE_KEY = "duplicate_key"  # the first occurrence (in sorted input order) wins
+    # where the input lies (the source must not reach outside itself)
+    # a tar member with an absolute path or a '..' component; a manifest path (absolute, '..', a
+    # symlink) that resolves outside the manifest's folder and the allowed roots, or a URL
+    # (manifests name remote files only with allow_remote)
+    UNSAFE_PATH = "unsafe_path"
+    SYMLINK = "symlink"  # a file or folder in a source folder that is a symlink: never followed
+    SPECIAL_FILE = "special_file"  # a source file that is a FIFO, device, socket or folder
+    FILE_TOO_LARGE = "file_too_large"  # over max_file_bytes (by stat / tar header): never read
     # the container
-    UNSAFE_PATH = "unsafe_path"  # tar member with an absolute path or a '..' component
     LINK_MEMBER = "link_member"  # tar member that is a symlink or hard link (never followed)
     SPECIAL_MEMBER = "special_member"  # tar member that is a device, FIFO or other non-file
     TRUNCATED_TAR = "truncated_tar"  # the tar ends early; members before the damage are kept

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from diffusion_core.data.reasons import Reason
+from diffusion_core.data.safety import too_large
+from diffusion_core.storage import AtomicFile
 
 
 @dataclass(frozen=True)
@@ -66,22 +67,31 @@ class _TailReader(io.RawIOBase):
             pass
 
 
-def iter_tar(fileobj: BinaryIO) -> Iterator[Member]:
+def iter_tar(fileobj: BinaryIO, max_member_bytes: int | None = None) -> Iterator[Member]:
     """Stream the members of an untrusted (uncompressed) tar in order.
 
-    Directories are skipped. Unsafe members come out with a reason. If the tar is cut short or
-    damaged, a final ``Member`` with reason ``truncated_tar`` (``corrupt_tar`` when nothing at
-    all could be read) reports it, after every intact member before the damage. A tar cut exactly
-    at a member boundary is caught by its missing end-of-archive marker (a zero block).
+    Directories are skipped. Unsafe members come out with a reason, and so does a member larger
+    than ``max_member_bytes`` (by its header; its data is streamed past, never held in memory).
+    If the tar is cut short or damaged, a final ``Member`` with reason ``truncated_tar``
+    (``corrupt_tar`` when not even one header could be read) reports it, after every intact
+    member before the damage. A tar cut exactly at a member boundary is caught by its missing
+    end-of-archive marker (a zero block).
     """
-    n_ok = 0
+    n_ok = n_seen = 0  # intact members; members seen (a refused one proves the tar readable)
     reader = _TailReader(fileobj)
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tf:
             for info in tf:
+                n_seen += 1
                 if info.isdir():
                     continue
                 problem = member_problem(info)
+                if (
+                    problem is None
+                    and max_member_bytes is not None
+                    and info.size > max_member_bytes
+                ):
+                    problem = Reason.FILE_TOO_LARGE, too_large(info.size, max_member_bytes)
                 if problem is not None:
                     yield Member(info.name, reason=problem[0], detail=problem[1])
                     continue
@@ -97,7 +107,7 @@ def iter_tar(fileobj: BinaryIO) -> Iterator[Member]:
         if reader.tail != bytes(512):
             raise tarfile.ReadError("no end-of-archive marker: the file was cut short")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        reason = Reason.TRUNCATED_TAR if n_ok else Reason.CORRUPT_TAR
+        reason = Reason.TRUNCATED_TAR if n_seen else Reason.CORRUPT_TAR
         yield Member(
             "", reason=reason, detail=f"after {n_ok} intact members: {type(e).__name__}: {e}"
         )
@@ -120,10 +130,9 @@ class DeterministicTarWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        head, base = os.path.split(path)
-        self.tmp_path = os.path.join(head, f".{base}.partial")
-        self._raw = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._hashing = _HashingWriter(self._raw)
+        self._out = AtomicFile(path)
+        self.tmp_path = self._out.tmp_path
+        self._hashing = _HashingWriter(self._out.file)
         self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
         self.count = 0
 
@@ -144,10 +153,7 @@ class DeterministicTarWriter:
     def close(self) -> str:
         """Finish the tar, fsync, rename into place; return its sha256."""
         self._tar.close()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self.tmp_path, self.path)
+        self._out.commit()
         return self._hashing.hexdigest()
 
     def abort(self) -> None:
@@ -155,9 +161,7 @@ class DeterministicTarWriter:
             self._tar.close()
         except Exception:  # noqa: BLE001 - best effort before removing the file
             pass
-        self._raw.close()
-        if os.path.exists(self.tmp_path):
-            os.remove(self.tmp_path)
+        self._out.abort()
 
 
 class _HashingWriter(io.RawIOBase):
@@ -193,9 +197,31 @@ def write_tar(path: str, members: Iterable[tuple[str, bytes]]) -> str:
     return w.close()
 
 
+class HashingReader(io.RawIOBase):
+    """Pass reads through, hashing every byte (a file read once for its sha256 and its tar)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._h = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._raw.read(n)
+        self._h.update(b)
+        return b
+
+    def drain(self, chunk: int = 1 << 20) -> None:
+        while self.read(chunk):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        r = HashingReader(f)
+        r.drain(chunk)
+    return r.hexdigest()

@@ -48,10 +48,11 @@ def train_command(
     """
     from rich.console import Console
 
+    from diffusion_core.data.format import DataError
     from diffusion_core.training.config import ConfigError, load_preset
-    from diffusion_core.training.data import DataError
     from diffusion_core.training.loop import NonFiniteLossError
-    from diffusion_core.training.run import TrainingError, train
+    from diffusion_core.training.runs import TrainingError
+    from diffusion_core.training.trainer import train
 
     err = Console(stderr=True)
     overrides: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "storage_path": storage}
@@ -91,7 +92,7 @@ def train_command(
 
 def _stored_config(run: str, storage: str, steps: int | None) -> Any:
     from diffusion_core.training.config import ConfigError, TrainConfig
-    from diffusion_core.training.run import RUN_JSON, read_run
+    from diffusion_core.training.runs import RUN_JSON, read_run
 
     stored = read_run(storage, run)
     if stored is None:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffusion_core.cascade import CascadeConfig, StageConfig
+from diffusion_core.storage import absolute, redact, strip_credentials
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -120,9 +121,16 @@ class TrainConfig(TrainSettings):
 
     def storage_uri(self) -> str:
         """``storage_path`` as Ray needs it: a URI, or an absolute local path."""
-        if "://" in self.storage_path:
-            return self.storage_path
-        return str(Path(self.storage_path).expanduser().resolve())
+        return absolute(self.storage_path)
+
+    def redacted(self) -> TrainConfig:
+        """This config with no credential in its URIs: what run files, params, tags and job
+        requests hold. The tracking URI loses its ``user:password@`` (still usable: MLflow takes
+        the credentials from ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``)."""
+        uri = None if self.tracking_uri is None else strip_credentials(self.tracking_uri)[0]
+        return self.model_copy(
+            update={"tracking_uri": redact(uri), "storage_path": redact(self.storage_path)}
+        )
 
     def resolved_tracking_uri(self) -> str:
         """``$MLFLOW_TRACKING_URI``, else ``tracking_uri``, else a sqlite store in storage."""
@@ -141,7 +149,7 @@ class TrainConfig(TrainSettings):
 
     def mlflow_params(self) -> dict[str, str]:
         """The whole config as flat MLflow params (``network.base_channels`` etc.)."""
-        data = self.model_dump(mode="json", exclude={"cascade"})
+        data = self.redacted().model_dump(mode="json", exclude={"cascade"})
         data["stage_config"] = self.stage_config.model_dump(mode="json")
         data["cascade.stages"] = ",".join(s.name for s in self.cascade.stages)
         data["cascade.text_encoder"] = self.cascade.text_encoder

@@ -10,8 +10,8 @@ import sys
 from typing import Any
 
 from diffusion_core.training.config import TrainConfig
-from diffusion_core.training.run import train
 from diffusion_core.training.submit import RESULT_PREFIX, decode_request
+from diffusion_core.training.trainer import train
 
 
 def _log_progress(p: dict[str, Any]) -> None:

@@ -1,23 +1,23 @@
 """The per-worker training loop of one cascade stage (runs inside Ray Train workers).
 
 Each rank builds the stage, wraps it in DistributedDataParallel (gloo on CPU, NCCL on GPU), reads
-its slice of every global batch (:mod:`diffusion_core.training.data`) and runs
-:func:`diffusion_core.cascade.training_step` (AdamW, clipping, condition dropout, bf16 autocast on
-GPU). Rank 0 keeps the EMA, writes checkpoints every ``checkpoint_every`` steps (every rank calls
+its slice of every global batch (:mod:`diffusion_core.training.reader`) and runs
+:func:`diffusion_core.training.step.training_step` (AdamW, clipping, the gradient guard,
+condition dropout, bf16 autocast on GPU). Rank 0 keeps the EMA, writes checkpoints every ``checkpoint_every`` steps (every rank calls
 ``ray.train.report`` the same number of times; only rank 0 passes a checkpoint), logs metrics and
 sample grids to MLflow, and writes ``progress.json`` for the driver's progress bar.
 
 Resume: ``ray.train.get_checkpoint()`` (the latest checkpoint of this run, after a worker failure
-or an explicit ``--resume``) restores weights, EMA, optimizer, scheduler and step; the data order
-and the random draws are functions of (seed, step, rank), so the continuation is the same
-computation as an uninterrupted run.
+or an explicit ``--resume``) restores weights, EMA, optimizer and step (the LR schedule is this run's
+config: a resume with more steps stretches it, :func:`~diffusion_core.training.optim.load_lr_schedule`);
+the data order and the random draws are functions of (seed, step, rank), so the continuation is
+the same computation as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import tempfile
 import time
@@ -27,86 +27,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion_core.cascade import (
-    TEXT_KEYS,
-    Stage,
-    images_to_model,
-    model_to_images,
-    resize,
-    training_step,
-)
-from diffusion_core.training.config import TrainConfig
-from diffusion_core.training.data import ShardReader, StepSampler, iter_batches, read_manifest
-from diffusion_core.training.state import (
-    EMA,
-    LRFactor,
+from diffusion_core.cascade import TEXT_KEYS, Stage, images_to_model, model_to_images, resize
+from diffusion_core.data.format import read_manifest
+from diffusion_core.evaluation.grids import grid_image
+from diffusion_core.storage import write_json_atomic
+from diffusion_core.training.checkpoint import (
+    checkpoint_dir_name,
     load_checkpoint,
-    make_optimizer,
     save_checkpoint,
     seed_step,
 )
-
-PROGRESS_JSON = "progress.json"
-ATTEMPTS_JSONL = "attempts.jsonl"
-NONFINITE_JSON = "nonfinite.json"
-FAULT_ENV = "CASCADE_TRAIN_FAULT"
+from diffusion_core.training.config import TrainConfig
+from diffusion_core.training.faults import maybe_inject_fault, nan_fault
+from diffusion_core.training.optim import EMA, LRFactor, make_optimizer
+from diffusion_core.training.reader import ShardReader, StepSampler, iter_batches
+from diffusion_core.training.runs import ATTEMPTS_JSONL, NONFINITE_JSON, PROGRESS_JSON
+from diffusion_core.training.step import training_step
+from diffusion_core.training.tracking import Tracker
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN/Inf; no checkpoint was written after it."""
+    """The loss or the gradient norm became NaN/Inf; no checkpoint was written after it.
 
+    Not transient: the data order and the random draws are deterministic, so a retry would
+    diverge at the same step."""
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Test hook: ``$CASCADE_TRAIN_FAULT = {"step": s, "rank": r, "kind": "exit"|"nan"|"raise",
-    "marker": path, "delay_s": d}`` kills/breaks rank r at step s (after d seconds), once (the
-    marker file records that it did)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    fault = json.loads(spec)
-    if step != fault["step"] or rank != fault.get("rank", 0) or fault.get("kind") == "nan":
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(json.dumps({"step": step, "rank": rank, "pid": os.getpid()}))
-    time.sleep(float(fault.get("delay_s", 0)))
-    if fault.get("kind", "exit") == "exit":
-        os._exit(1)
-    raise RuntimeError(f"injected fault at step {step} on rank {rank}")
-
-
-def _nan_fault(step: int, rank: int) -> bool:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return False
-    fault = json.loads(spec)
-    return fault.get("kind") == "nan" and step == fault["step"] and rank == fault.get("rank", 0)
+    transient = False
 
 
 # ============================================================================ sample grids
-def grid_image(rows: list[torch.Tensor], size: int) -> np.ndarray:
-    """Rows of uint8 [N, h, w, 3] images, each upsampled (nearest) to ``size``, tiled with a
-    1-pixel gap: a [rows*(size+1)-1, N*(size+1)-1, 3] array."""
-    n = rows[0].shape[0]
-    out = np.full((len(rows) * (size + 1) - 1, n * (size + 1) - 1, 3), 255, np.uint8)
-    for r, imgs in enumerate(rows):
-        for c in range(n):
-            img = imgs[c].numpy()
-            f = size // img.shape[0]
-            img = img.repeat(f, 0).repeat(f, 1)
-            out[r * (size + 1) : r * (size + 1) + size, c * (size + 1) : c * (size + 1) + size] = (
-                img
-            )
-    return out
-
-
 def make_grid(
     stage: Stage, ema_net: torch.nn.Module, batch: dict[str, Any], cfg: TrainConfig
 ) -> np.ndarray:
@@ -136,47 +85,6 @@ def make_grid(
 
 
 # ============================================================================ the loop
-class _Tracker:
-    """MLflow from rank 0: metrics (deduplicated across restarts) and sample-grid artifacts."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.client = None
-        self.run_id = run_id
-        self.logged_until = 0
-        if tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-            history = self.client.get_metric_history(run_id, "loss")
-            self.logged_until = max((m.step for m in history), default=0)
-        self.pending: list[Any] = []
-
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        if self.client is None or step <= self.logged_until:
-            return
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), ts, step) for k, v in values.items()]
-
-    def flush(self) -> None:
-        if self.client is None or not self.pending:
-            return
-        for i in range(0, len(self.pending), 900):
-            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 900])
-        self.pending = []
-
-    def image(self, image: np.ndarray, name: str) -> None:
-        if self.client is None:
-            return
-        from PIL import Image
-
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / name
-            Image.fromarray(image).save(path)
-            self.client.log_artifact(self.run_id, str(path), "samples")
-
-
 def _gather(obj: Any, world: int) -> list[Any]:
     if world == 1:
         return [obj]
@@ -262,14 +170,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     # ---- data
     reader = ShardReader(info)
     sampler = StepSampler(len(reader), cfg.batch_size, world, cfg.seed)
-    tracker = _Tracker(run.get("tracking_uri"), run.get("mlflow_run_id")) if rank == 0 else None
+    tracker = Tracker(run.get("mlflow_run_id")) if rank == 0 else None
     grid_batch = reader.read_batch(range(min(cfg.sample_count, len(reader)))) if rank == 0 else None
 
     last_ckpt = {"step": start}
 
     def checkpoint_and_report(step: int, metrics: dict[str, float]) -> None:
         report = {"step": step, **metrics}
-        rng = _gather(torch.get_rng_state(), world)  # a collective: every rank takes part
         last_ckpt["step"] = step
         if rank != 0:
             ray.train.report(report)
@@ -282,7 +189,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 ema=ema,
                 optimizer=optimizer,
                 scheduler=scheduler,
-                rng_states={f"rank{r}.torch": s for r, s in enumerate(rng)},
                 state={
                     "step": step,
                     "epoch": sampler.epoch_of(step),
@@ -296,7 +202,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             ray.train.report(
                 report,
                 checkpoint=Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"checkpoint_{step:08d}",
+                checkpoint_dir_name=checkpoint_dir_name(step),
             )
 
     def log_grid(step: int) -> None:
@@ -319,7 +225,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         reader, sampler, rank=rank, first_step=start + 1, last_step=stop, prefetch=cfg.prefetch
     ):
         gen = seed_step(cfg.seed, step, rank)
-        if _nan_fault(step, rank):
+        if nan_fault(step, rank):
             batch = dict(batch, text_pooled=batch["text_pooled"] * float("nan"))
         out = training_step(
             stage,
@@ -333,8 +239,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         # the global mean loss (every rank's batch), and NaN/Inf anywhere seen by every rank
-        zero = torch.zeros((), device=out["loss"].device)
-        stats = torch.stack([out["loss"], out.get("grad_norm", zero)]).float()
+        stats = torch.stack([out["loss"], out["grad_norm"]]).float()
         if world > 1:  # on the device: NCCL reduces CUDA tensors only
             import torch.distributed as dist
 
@@ -349,11 +254,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 "more warmup_steps or grad_clip set"
             )
             if run_dir is not None:
-                _write_json_atomic(run_dir / NONFINITE_JSON, {"step": step, "message": msg})
+                write_json_atomic(run_dir / NONFINITE_JSON, {"step": step, "message": msg})
             raise NonFiniteLossError(msg)
         if ema is not None:
             ema.update(stage.network)
-        _maybe_inject_fault(step, rank)
+        maybe_inject_fault(step, rank)
         window.append((loss, grad_norm))
         if rank == 0 and (step % cfg.log_every == 0 or step == stop):
             now = time.perf_counter()
@@ -371,7 +276,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             tracker.metrics(step, metrics)
             tracker.flush()
             if run_dir is not None:
-                _write_json_atomic(
+                write_json_atomic(
                     run_dir / PROGRESS_JSON,
                     {
                         "step": step,

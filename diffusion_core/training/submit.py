@@ -4,12 +4,17 @@ With ``RAY_ADDRESS=http://<head>:8265`` (a Ray dashboard), :func:`diffusion_core
 does not run the trainer in this process: it submits ``python -m diffusion_core.training.job``
 with a runtime environment (this source tree as ``working_dir`` when run from a checkout, the
 MLflow tracking URI, offline model loading), streams the job's logs, waits for a terminal status
-and returns the job's :class:`~diffusion_core.training.run.TrainResult` (printed by the job as its
+and returns the job's :class:`~diffusion_core.training.runs.TrainResult` (printed by the job as its
 last log line). The job itself runs ``train`` on the cluster (``RAY_ADDRESS`` there is the
 cluster's own address), so everything else — naming, MLflow, checkpoints, export — is the same.
 
 Paths in the request (data, storage, export) are made absolute here: the cluster must see them
 at the same place (a shared filesystem), or they must be URIs.
+
+Credentials. The request, the runtime environment and the job metadata are stored by Ray and shown
+by its dashboard and Jobs API, so none of them carries a secret: a tracking URI loses its
+``user:password@``, and the cluster's own environment provides MLflow's credentials
+(``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, e.g. from a Kubernetes Secret).
 """
 
 from __future__ import annotations
@@ -21,25 +26,19 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from diffusion_core.ray_env import source_root
+from diffusion_core.storage import absolute, strip_credentials
 from diffusion_core.training.config import TrainConfig
+from diffusion_core.training.runs import TrainingError, TrainResult, new_run_name
 
 RESULT_PREFIX = "CASCADE_TRAIN_RESULT "
 _EXCLUDES = [".git", ".venv", "out", "mlruns", "*.db", ".ci-state", "**/__pycache__", ".*_cache"]
 
 
-def _abs(path: str | None) -> str | None:
-    if path is None or "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
-def source_root() -> Path | None:
-    """The source checkout this package runs from (it has a pyproject.toml), if any."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "pyproject.toml").is_file() else None
+def absolute_or_none(path: str | None) -> str | None:
+    return None if path is None else absolute(path)
 
 
 def build_request(
@@ -53,14 +52,14 @@ def build_request(
     fault: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The job's arguments, with local paths made absolute (see the module docstring)."""
-    if config is not None:
-        config = config.model_copy(update={"storage_path": config.storage_uri()})
+    if config is not None:  # the request is job metadata: no credentials (see the module doc)
+        config = config.model_copy(update={"storage_path": config.storage_uri()}).redacted()
     return {
         "config": config.model_dump(mode="json") if config is not None else None,
-        "data": _abs(data),
+        "data": absolute_or_none(data),
         "resume": resume,
         "run_name": run_name,
-        "export_dir": _abs(export_dir),
+        "export_dir": absolute_or_none(export_dir),
         "stop_at": stop_at,
         "fault": fault,
     }
@@ -87,8 +86,8 @@ def build_runtime_env(
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None and config is not None:
         uri = config.resolved_tracking_uri()
-    if uri:
-        env_vars["MLFLOW_TRACKING_URI"] = uri
+    if uri:  # never the credentials: the cluster has its own (MLFLOW_TRACKING_USERNAME/PASSWORD)
+        env_vars["MLFLOW_TRACKING_URI"] = strip_credentials(uri)[0]
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     root = source_root()
     if root is not None:
@@ -119,8 +118,6 @@ def submit_train(
     """Submit the training job to the Ray Jobs API at ``address`` ($RAY_ADDRESS), follow its
     logs (each line to ``log``, default stderr) and return its TrainResult."""
     from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from diffusion_core.training.run import TrainingError, TrainResult, new_run_name
 
     address = address or os.environ["RAY_ADDRESS"]
     if resume is None and run_name is None:

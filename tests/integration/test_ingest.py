@@ -27,7 +27,8 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory) -> tuple[list[str], dict[str, int]]:
+def raw(tmp_path_factory) -> tuple[list[str], dict[str, int], list[str]]:
+    """(sources, expected rejections by reason, allowed roots of the manifests' images)."""
     root = tmp_path_factory.mktemp("raw")
     expected: dict[str, int] = {}
     for part in (
@@ -38,21 +39,29 @@ def raw(tmp_path_factory) -> tuple[list[str], dict[str, int]]:
         for k, v in part.items():
             expected[k] = expected.get(k, 0) + v
     sources = [str(root / "i2d"), f"file://{root / 'folder'}", str(root / "manifests")]
-    return sources, dict(sorted(expected.items()))
+    return sources, dict(sorted(expected.items())), [str(root / "images")]
 
 
-def _cfg(sources: list[str], out: Path) -> IngestConfig:
-    return IngestConfig(sources=sources, out=str(out), resolution=32, shard_size=3)
+def _cfg(raw, out: Path) -> IngestConfig:
+    return IngestConfig(
+        sources=raw[0],
+        out=str(out),
+        resolution=32,
+        shard_size=3,
+        max_file_bytes=F.MAX_FILE_BYTES,
+        allow_roots=raw[2],
+    )
 
 
 @pytest.fixture(scope="module")
 def first_run(raw, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("run1")
-    return ingest(_cfg(raw[0], out)), out
+    return ingest(_cfg(raw, out)), out
 
 
 def test_every_bad_input_is_rejected_with_its_reason(raw, first_run):
-    _, expected = raw
+    """In the Ray job too: links, escaping manifest paths, URLs and huge files are refused."""
+    expected = raw[1]
     res, out = first_run
     assert res.rejected_by_reason == expected
     assert res.accepted == F.HOSTILE_ACCEPTED + 3 + 4
@@ -72,7 +81,21 @@ def test_every_bad_input_is_rejected_with_its_reason(raw, first_run):
     assert {r["source"] for r in rejected if r["reason"] == "unsafe_path"} == {
         "i2d/00000.tar::/etc/evil.png",
         "i2d/00000.tar::../../evil.txt",
+    } | {f"manifests/list.jsonl#{i}" for i in range(6, 11)}
+    assert {r["source"] for r in rejected if r["reason"] in ("symlink", "file_too_large")} == {
+        "folder/leak.txt",
+        "folder/linked",
+        "folder/sub/lnk.png",
+        "folder/huge.png",
+        "manifests/list.jsonl#11",
+        "i2d/00000.tar::000000014.png",
     }
+    # nothing from outside the sources got into a shard
+    captions = [
+        s["txt"]
+        for s in wds.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")), shardshuffle=False)
+    ]
+    assert not [c for c in captions if b"secret" in c or b"behind" in c]
     # nothing written outside the output folder, no hidden leftovers inside it
     assert not [p for p in out.parent.parent.rglob("evil*")]
     assert sorted(os.listdir(out)) == sorted(
@@ -105,11 +128,11 @@ def test_shards_load_with_webdataset_and_ray_read_webdataset(first_run, ray_loca
 
 def test_same_input_gives_the_same_bytes(raw, first_run, tmp_path):
     res, out = first_run
-    again = ingest(_cfg(raw[0], tmp_path / "run2"))
+    again = ingest(_cfg(raw, tmp_path / "run2"))
     assert again.dataset_version == res.dataset_version
     assert _files(tmp_path / "run2") == _files(out)
     # the single-process loop computes the same bytes as the Ray job
-    ingest(_cfg(raw[0], tmp_path / "local"), engine="local")
+    ingest(_cfg(raw, tmp_path / "local"), engine="local")
     assert _files(tmp_path / "local") == _files(out)
 
 
@@ -118,23 +141,23 @@ def test_an_interrupted_run_is_finished_by_a_rerun(raw, first_run, tmp_path):
     dest = tmp_path / "resume"
     dest.mkdir()
     # leftovers of earlier runs: a bigger dataset's last shard, a killed run's partial file
+    # (no manifest.json: a folder with one is a finished dataset, and refused)
     (dest / "shard-000009.tar").write_bytes(b"stale")
     (dest / ".shard-000001.tar.partial").write_bytes(b"half")
-    (dest / "manifest.json").write_text("{}")
 
     def stop_after_two_shards(p: IngestProgress) -> None:
         if p.shards >= 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ingest(_cfg(raw[0], dest), progress=stop_after_two_shards)
+        ingest(_cfg(raw, dest), progress=stop_after_two_shards)
     left = sorted(os.listdir(dest))
     assert "manifest.json" not in left  # not a complete dataset
     assert not [n for n in left if n.startswith(".")]  # no partial file visible or hidden
     assert {"shard-000000.tar", "shard-000001.tar"} <= set(left)
     assert (dest / "shard-000000.tar").read_bytes() == (out / "shard-000000.tar").read_bytes()
 
-    again = ingest(_cfg(raw[0], dest))
+    again = ingest(_cfg(raw, dest))
     assert again.dataset_version == res.dataset_version
     assert _files(dest) == _files(out)  # finished, no duplicates, stale shard gone
 
@@ -182,6 +205,22 @@ def test_cli_shapes_then_ingest(tmp_path, ray_local):
     assert all(s["json"]["license"] == "CC0-1.0" for s in samples)
     # the ingested 64x64 images still show what their captions say
     assert faithfulness([s["png"] for s in samples], [s["txt"] for s in samples]) >= 0.95
+
+    # the dataset is immutable: refused without --overwrite, replaced with it
+    ingest_again = ["ingest", str(tmp_path / "raw"), "--out", str(tmp_path / "ds")]
+    r = runner.invoke(app, [*ingest_again, "--resolution", "64"])
+    assert r.exit_code == 1 and "already holds dataset" in r.output
+    assert verify(str(tmp_path / "ds")) == manifest
+    r = runner.invoke(
+        app,
+        [*ingest_again, "--resolution", "32", "--shard-size", "12", "--overwrite"]
+        + ["--max-file-bytes", "100000", "--allow-root", str(tmp_path)],
+    )
+    assert r.exit_code == 0, r.output
+    replaced = verify(str(tmp_path / "ds"))
+    assert replaced["resolution"] == 32 and len(replaced["shards"]) == 2
+    assert replaced["validation"]["max_file_bytes"] == 100000
+    assert not (tmp_path / "ds" / "shard-000002.tar").exists()
 
     r = runner.invoke(app, ["ingest", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1

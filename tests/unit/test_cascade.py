@@ -18,11 +18,11 @@ from diffusion_core.cascade import (
     model_to_images,
     resize,
     stage_losses,
-    training_step,
 )
 from diffusion_core.nn import UNet, UNetConfig
 from diffusion_core.schedule import ScheduleConfig
 from diffusion_core.text import HashTextEncoder
+from diffusion_core.training.step import training_step
 
 D = 16  # text width of the test encoder
 NET = dict(
@@ -204,6 +204,29 @@ def test_training_step_updates_every_stage_and_returns_detached_scalars():
             not torch.equal(a, p) for a, p in zip(before, stage.network.parameters(), strict=True)
         ]
         assert all(changed)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["no-clipping", "clipping"])
+def test_a_non_finite_gradient_behind_a_finite_loss_is_caught(max_grad_norm):
+    """Defect: with grad_clip None the gradient norm was not computed, so an Inf gradient (with a
+    finite loss) went into AdamW silently. Now the norm is always reported and the step skipped."""
+    cascade = tiny_cascade()
+    stage = cascade["base"]
+    batch = batch_for(cascade, random_images(4), ["a", "b", "c", ""])
+    first = next(stage.network.parameters())
+    hook = first.register_hook(lambda g: g * float("inf"))  # the backward pass blows up
+    before = [p.detach().clone() for p in stage.network.parameters()]
+    opt = torch.optim.Adam(stage.network.parameters(), lr=1e-3)
+    out = training_step(stage, batch, opt, generator=torch.Generator().manual_seed(0),
+                        max_grad_norm=max_grad_norm)
+    hook.remove()
+    assert torch.isfinite(out["loss"]) and not torch.isfinite(out["grad_norm"])
+    assert all(torch.equal(a, p) for a, p in zip(before, stage.network.parameters(), strict=True))
+    # and a finite gradient without clipping reports its norm and steps
+    out = training_step(stage, batch, opt, generator=torch.Generator().manual_seed(0),
+                        max_grad_norm=None)
+    assert torch.isfinite(out["grad_norm"]) and float(out["grad_norm"]) > 0
+    assert not all(torch.equal(a, p) for a, p in zip(before, stage.network.parameters(), strict=True))
 
 
 # --------------------------------------------------------------------- sampling

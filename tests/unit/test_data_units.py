@@ -134,6 +134,7 @@ def _cfg(tmp_path, sources, out="out", **kw):
         shard_size=2,
         text_encoder="hash-test",
         max_tokens=4,
+        max_file_bytes=F.MAX_FILE_BYTES,
         **kw,
     )
 
@@ -149,7 +150,7 @@ def test_local_engine_on_every_source_kind(tmp_path):
         for k, v in part.items():
             expected[k] = expected.get(k, 0) + v
     sources = [tmp_path / "i2d", f"file://{tmp_path / 'folder'}", tmp_path / "manifests"]
-    res = ingest(_cfg(tmp_path, sources), engine="local")
+    res = ingest(_cfg(tmp_path, sources, allow_roots=[str(tmp_path / "images")]), engine="local")
     assert res.rejected_by_reason == dict(sorted(expected.items()))
     assert res.accepted == F.HOSTILE_ACCEPTED + 3 + 4
     assert res.read == res.accepted + res.rejected
@@ -171,8 +172,9 @@ def test_local_engine_on_every_source_kind(tmp_path):
     meta = json.loads(by_key["000000000"]["json"])
     assert meta["license"] == "CC-BY-4.0" and meta["url"] == "http://x/0.png"
     assert meta["original_width"] == 48 and meta["source"] == "i2d/00000.tar::000000000"
-    # nothing escaped the output folder
+    # nothing escaped the output folder, nothing from outside the sources got in
     assert not list(tmp_path.rglob("evil*"))
+    assert not [s for s in samples if b"secret" in s["txt"] or b"behind" in s["txt"]]
 
 
 def test_bad_output_folder_is_refused(tmp_path):

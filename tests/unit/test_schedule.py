@@ -157,6 +157,25 @@ def test_config_round_trip(config):
     assert s.config == again.config
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        NoiseSchedule.cosine(50, s=0.02),
+        NoiseSchedule.cosine(50, max_beta=0.5),
+        NoiseSchedule.linear(100).respace([0, 9, 49, 99]),
+        NoiseSchedule.cosine(80, s=0.0).respace([0, 10, 20, 79]).respace([0, 2, 3]),
+    ],
+    ids=["cosine-offset", "cosine-max-beta", "respaced", "respaced-twice"],
+)
+def test_every_schedule_survives_save_and_load(schedule):
+    """Defect: the config of a non-default cosine offset (or of a respaced schedule) described
+    another schedule, so saving and loading it changed the betas."""
+    assert schedule.config is not None
+    again = NoiseSchedule.from_config(ScheduleConfig.model_validate_json(schedule.config.model_dump_json()))
+    torch.testing.assert_close(again.betas, schedule.betas, rtol=0, atol=0)
+    assert again.config == schedule.config
+
+
 def test_clear_errors_on_bad_input():
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
         NoiseSchedule(torch.tensor([0.1, 0.0]))

@@ -10,24 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_core.data.format import DataError, check_dataset_for_stage, read_manifest
 from diffusion_core.training import ConfigError, available_presets, load_preset
-from diffusion_core.training.data import (
-    DataError,
-    ShardReader,
-    StepSampler,
-    check_dataset_for_stage,
-    read_manifest,
-)
-from diffusion_core.training.state import (
-    EMA,
-    LRFactor,
-    export_stage,
+from diffusion_core.training.checkpoint import (
+    CHECKPOINT_FILES,
     load_checkpoint,
-    lr_factor,
-    make_optimizer,
     save_checkpoint,
     seed_step,
 )
+from diffusion_core.training.export import export_stage
+from diffusion_core.training.optim import EMA, LRFactor, lr_factor, make_optimizer
+from diffusion_core.training.reader import ShardReader, StepSampler
 
 
 # ============================================================================ configs
@@ -202,7 +195,6 @@ def test_checkpoint_round_trip(tmp_path):
         ema=ema,
         optimizer=opt,
         scheduler=sched,
-        rng_states={"rank0.torch": torch.get_rng_state()},
         state={"step": 1, "dataset_version": "v"},
     )
     other = Stage(cfg.stage_config)
@@ -212,7 +204,9 @@ def test_checkpoint_round_trip(tmp_path):
     state = load_checkpoint(
         tmp_path / "ck", network=other.network, ema=ema2, optimizer=opt2, scheduler=sched2
     )
-    assert state["step"] == 1 and "rank0.torch" in state["rng"]
+    # no RNG state: every step's draws are seeded by (seed, step, rank), nothing to restore
+    assert state["step"] == 1 and "rng" not in state
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted(CHECKPOINT_FILES)
     for a, b in zip(stage.network.parameters(), other.network.parameters(), strict=True):
         assert torch.equal(a, b)
     assert ema2.updates == 1 and all(torch.equal(ema.shadow[k], ema2.shadow[k]) for k in ema.shadow)
@@ -220,6 +214,47 @@ def test_checkpoint_round_trip(tmp_path):
         sched2.last_epoch == 1
         and opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
     )
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_resume_with_more_steps_follows_the_new_lr_horizon(tmp_path, schedule):
+    """Defect: LambdaLR restored the old LRFactor (steps=100), so a run grown to 200 steps kept
+    decaying towards step 100 (factor 0.10 at step 150 instead of 0.245 here)."""
+    from diffusion_core.cascade import Stage
+
+    cfg = load_preset("tiny").for_stage("base")
+
+    def make(steps: int):
+        stage = Stage(cfg.stage_config)
+        opt = make_optimizer(stage.network, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
+        factor = LRFactor(steps, 10, schedule, 0.1)
+        return stage, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    stage, opt, sched = make(100)
+    for _ in range(100):
+        opt.step()
+        sched.step()
+    ema = EMA(stage.network, 0.9)
+    save_checkpoint(
+        tmp_path / "ck", network=stage.network, ema=ema, optimizer=opt, scheduler=sched, state={"step": 100}
+    )
+    resumed_stage, resumed_opt, resumed = make(200)
+    load_checkpoint(
+        tmp_path / "ck", network=resumed_stage.network, ema=None, optimizer=resumed_opt, scheduler=resumed
+    )
+    _, fresh_opt, fresh = make(200)
+    for _ in range(100):
+        fresh_opt.step()
+        fresh.step()
+    for step in range(100, 200):  # the LR each step trains with, resumed vs fresh
+        assert resumed_opt.param_groups[0]["lr"] == pytest.approx(fresh_opt.param_groups[0]["lr"])
+        assert resumed.get_last_lr() == pytest.approx(fresh.get_last_lr())
+        if step == 150 and schedule == "cosine":
+            assert resumed.get_last_lr()[0] / 1e-3 == pytest.approx(0.2452, abs=1e-3)
+        resumed_opt.step()
+        resumed.step()
+        fresh_opt.step()
+        fresh.step()
 
 
 def test_export_writes_the_longest_loadable_prefix_of_stages(tmp_path):
@@ -239,7 +274,6 @@ def test_export_writes_the_longest_loadable_prefix_of_stages(tmp_path):
             scheduler=torch.optim.lr_scheduler.LambdaLR(
                 torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), lambda s: 1.0
             ),
-            rng_states={},
             state={"step": 1},
         )
         ckpts[name] = d

@@ -11,7 +11,9 @@
    which captions came out right.
 
 Everything lands under ``out``: ``raw/``, ``data/``, ``runs/`` (Ray runs and ``mlflow.db``),
-``cascade/`` (what ``Cascade.load`` reads) and ``samples/``.
+``cascade/`` (what ``Cascade.load`` reads) and ``samples/``. Orchestration only: every step is a
+call into ``diffusion_core``. It becomes the ``retrain`` flow (with registration and batch
+sampling) in the scheduled-retraining work.
 """
 
 from __future__ import annotations
@@ -21,92 +23,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-
-HELD_OUT_SEED = 1_000_003
-
-
-def held_out_captions(n: int, train_count: int, train_seed: int = 0) -> list[tuple[str, bool]]:
-    """``n`` captions of scenes drawn with a seed the training data did not use, each with
-    whether the exact caption string also occurs in the training set."""
-    from diffusion_core.data.shapes import sample_scene
-
-    seen = {
-        sample_scene(np.random.default_rng([train_seed, i]))[0].caption()
-        for i in range(train_count)
-    }
-    out: list[tuple[str, bool]] = []
-    i = 0
-    while len(out) < n:
-        caption = sample_scene(np.random.default_rng([HELD_OUT_SEED, i]))[0].caption()
-        i += 1
-        if caption not in (c for c, _ in out):
-            out.append((caption, caption in seen))
-    return out
-
-
-def caption_grid(
-    images: np.ndarray,
-    captions: list[str],
-    matches: list[bool] | None = None,
-    scale: int = 4,
-    cols: int = 4,
-) -> Any:
-    """A PIL grid of uint8 [N, H, W, 3] images (upscaled ``scale``x), each above its caption;
-    with ``matches``, a green (match) or red (no match) frame and "OK"/"NO" before the caption."""
-    from PIL import Image, ImageDraw
-
-    n, h, w, _ = images.shape
-    cell_w, text_h = max(w * scale, 150), 40
-    rows = (n + cols - 1) // cols
-    grid = Image.new("RGB", (cols * cell_w, rows * (h * scale + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (img, cap) in enumerate(zip(images, captions, strict=True)):
-        r, c = divmod(i, cols)
-        x, y = c * cell_w, r * (h * scale + text_h)
-        big = Image.fromarray(img).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-        left = x + (cell_w - w * scale) // 2
-        grid.paste(big, (left, y))
-        if matches is not None:
-            colour = (30, 160, 60) if matches[i] else (220, 30, 30)
-            draw.rectangle(
-                (left, y, left + w * scale - 1, y + h * scale - 1), outline=colour, width=2
-            )
-            cap = ("OK  " if matches[i] else "NO  ") + cap
-        words, lines, line = cap.split(), [], ""
-        for word in words:
-            if len(line) + len(word) + 1 > cell_w // 6:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        lines.append(line)
-        for k, text in enumerate(lines[:3]):
-            draw.text((x + 3, y + h * scale + 2 + 12 * k), text, fill="black")
-    return grid
-
-
-def sample_and_check(
-    cascade_dir: Path, out: Path, *, train_count: int, samples: int = 16, steps: int = 50
-) -> list[dict[str, Any]]:
-    """Sample the cascade for held-out captions (one seed each), check every image with the
-    shapes checker, write ``grid.png`` (OK/NO and a green/red frame); return a row per caption."""
-    from diffusion_core.cascade import Cascade
-    from diffusion_core.data.shapes import check_caption
-
-    cascade = Cascade.load(cascade_dir)
-    held = held_out_captions(samples, train_count)
-    captions = [c for c, _ in held]
-    images = cascade.sample(captions, seed=list(range(len(captions))), steps=steps)
-    images_np = images.numpy()  # type: ignore[union-attr]
-    checks = [check_caption(img, cap) for img, cap in zip(images_np, captions, strict=True)]
-    out.mkdir(parents=True, exist_ok=True)
-    caption_grid(images_np, captions, [c.match for c in checks]).save(out / "grid.png")
-    return [
-        {"caption": cap, "in_training_set": seen, "match": c.match, "reason": c.reason}
-        for (cap, seen), c in zip(held, checks, strict=True)
-    ]
 
 
 def run_demo(
@@ -121,6 +37,7 @@ def run_demo(
 
     from diffusion_core.data.ingest import IngestConfig, ingest
     from diffusion_core.data.shapes import write_shapes
+    from diffusion_core.evaluation.heldout import sample_and_check
     from diffusion_core.ray_env import ensure_ray
     from diffusion_core.training import load_preset, train
 
@@ -142,6 +59,7 @@ def run_demo(
             out=str(out / "data"),
             resolution=top,
             text_encoder=cfg.cascade.text_encoder or "all-MiniLM-L6-v2",
+            overwrite=True,  # the demo regenerates its raw data, so its dataset too
         )
     )
     timings["ingest"] = time.perf_counter() - t

@@ -37,97 +37,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_core.data.format import DataError, DatasetInfo
 from diffusion_core.data.tario import split_member_name
+from diffusion_core.storage import join
 
 REQUIRED_MEMBERS = ("png", "emb.npy", "tok.npy", "json")
-MANIFEST = "manifest.json"
-
-
-class DataError(ValueError):
-    """A dataset that cannot be trained on: what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a training job needs to know of a dataset, from its ``manifest.json``."""
-
-    path: str
-    version: str
-    resolution: int
-    text_encoder_name: str | None
-    text_encoder_id: str | None
-    max_tokens: int | None
-    shards: tuple[tuple[str, int], ...]  # (file name, sample count)
-
-    @property
-    def num_samples(self) -> int:
-        return sum(n for _, n in self.shards)
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
-
-
-def read_manifest(path: str) -> DatasetInfo:
-    """Read and check ``<path>/manifest.json`` (local path or fsspec URL)."""
-    path = str(path)
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
-        raise DataError(
-            f"data folder {path!r} does not exist; run `cascade ingest SOURCE --out {path}` first"
-        )
-    mpath = _join(root, MANIFEST)
-    if not fs.exists(mpath):
-        raise DataError(
-            f"{path!r} has no {MANIFEST}: not a complete dataset (an ingest that did not finish,"
-            " or not an ingest output); run `cascade ingest` into it"
-        )
-    try:
-        with fs.open(mpath, "rb") as f:
-            m = json.loads(f.read())
-        enc = m.get("text_encoder") or {}
-        if isinstance(enc, str):
-            enc = {"name": enc, "id": enc}
-        shards = tuple((str(s["name"]), int(s["samples"])) for s in m["shards"])
-        info = DatasetInfo(
-            path=path,
-            version=str(m["dataset_version"]),
-            resolution=int(m["resolution"]),
-            text_encoder_name=enc.get("name"),
-            text_encoder_id=enc.get("id"),
-            max_tokens=enc.get("max_tokens"),
-            shards=shards,
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{mpath} is not a dataset manifest this reader understands: {e!r}") from e
-    if info.num_samples == 0:
-        raise DataError(f"dataset {path!r} holds no samples (all inputs were rejected?)")
-    return info
-
-
-def check_dataset_for_stage(
-    info: DatasetInfo, *, stage: str, resolution: int, text_encoder: str | None, text: bool
-) -> None:
-    """Fail clearly when a stage cannot train on this dataset (before any worker starts)."""
-    if info.resolution < resolution:
-        raise DataError(
-            f"resolution mismatch: stage {stage!r} trains at {resolution}px but the dataset "
-            f"{info.path!r} holds {info.resolution}px images; ingest with --resolution "
-            f"{resolution} (the cascade's top resolution) or more"
-        )
-    if info.resolution % resolution:
-        raise DataError(
-            f"resolution mismatch: the dataset's {info.resolution}px is not a multiple of stage "
-            f"{stage!r}'s {resolution}px (images are area-downsampled by an integer factor)"
-        )
-    if text and text_encoder is not None:
-        names = {info.text_encoder_name, info.text_encoder_id} - {None}
-        if not any(text_encoder in str(n) for n in names):
-            raise DataError(
-                f"text encoder mismatch: the cascade uses {text_encoder!r} but the dataset's "
-                f"embeddings come from {sorted(names)}; re-ingest with that encoder or change "
-                "cascade.text_encoder"
-            )
 
 
 # ============================================================================ index and reading
@@ -161,7 +75,7 @@ class ShardReader:
 
     def __init__(self, info: DatasetInfo, max_open: int = 16):
         self.info = info
-        self.paths = [_join(info.path, name) for name, _ in info.shards]
+        self.paths = [join(info.path, name) for name, _ in info.shards]
         self.samples: list[_Sample] = []
         for i, (p, (name, count)) in enumerate(zip(self.paths, info.shards, strict=True)):
             found = index_shard(p, i)
