@@ -165,6 +165,11 @@ from diffusion_core.training.cli import train_command  # noqa: E402
 
 app.command("train")(train_command)
 
+# `cascade sample` lives with the batch job (diffusion_core/batch/cli.py).
+from diffusion_core.batch.cli import sample_command  # noqa: E402
+
+app.command("sample")(sample_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

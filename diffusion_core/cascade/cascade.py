@@ -141,6 +141,8 @@ class Cascade:
         eta: float = 0.0,
         clip_x: float | None = 1.0,
         labels: Tensor | Sequence[int] | None = None,
+        negative_prompts: Sequence[str] | None = None,
+        per_image: bool = False,
         return_all_stages: bool = False,
         progress: bool = False,
     ) -> Tensor | list[Tensor]:
@@ -159,8 +161,40 @@ class Cascade:
           [-1, 1]; without it an eps-predictor's x-estimate at the noisiest steps, divided by a
           tiny sqrt(alpha_bar), can throw the trajectory off). ``None`` disables it.
         - ``labels``: class labels for class-conditional stages (-1 = none).
+        - ``negative_prompts``: one per prompt; guidance then steers away from it
+          (eps = eps_neg + s (eps_cond - eps_neg)); ``""`` or ``None`` is the learned null.
+        - ``per_image``: run every image through the networks alone (with its own seed, from
+          ``seed``: one per prompt). Batched kernels round differently for different batch
+          sizes (measured: a few uint8 pixels differ between a batch of 1 and of 6), so only
+          this makes an image a pure function of (prompt, seed, settings), byte for byte,
+          whatever else is sampled with it: what the registry model and the batch job use. On
+          a CPU it costs ~10% of throughput (``docs/batch.md``).
         - ``return_all_stages``: return every stage's images (a list, base first).
         """
+        if per_image:
+            if isinstance(seed, int) or isinstance(labels, Tensor):
+                raise ValueError("per_image sampling takes one seed per prompt (a list)")
+            if len(list(seed)) != len(prompts):
+                raise ValueError(f"got {len(list(seed))} seeds for {len(prompts)} prompts")
+            negs = list(negative_prompts) if negative_prompts is not None else None
+            parts = [
+                self.sample(
+                    [prompts[i]],
+                    seed=[int(list(seed)[i])],
+                    guidance_scale=guidance_scale,
+                    sampler=sampler,
+                    steps=steps,
+                    eta=eta,
+                    clip_x=clip_x,
+                    labels=None if labels is None else [list(labels)[i]],
+                    negative_prompts=None if negs is None else [negs[i]],
+                    return_all_stages=True,
+                    progress=progress,
+                )
+                for i in range(len(prompts))
+            ]
+            stacked = [torch.cat([p[k] for p in parts]) for k in range(len(self.stages))]
+            return stacked if return_all_stages else stacked[-1]
         n = len(prompts)
         if n == 0:
             raise ValueError("prompts is empty: give one prompt per image ('' for unconditional)")
@@ -177,6 +211,12 @@ class Cascade:
         cond: dict[str, Tensor] = self.encode_prompts(prompts, device)
         if labels is not None:
             cond["label"] = torch.as_tensor(labels, device=device).long()
+        null_cond = None
+        if negative_prompts is not None:
+            if len(negative_prompts) != n:
+                raise ValueError(f"got {len(negative_prompts)} negative prompts for {n} prompts")
+            if any(p for p in negative_prompts):  # all empty: the learned null, as without them
+                null_cond = self.encode_prompts(list(negative_prompts), device)
         outputs: list[Tensor] = []
         low: Tensor | None = None
         for stage, scale, n_steps in zip(self.stages, scales, step_counts, strict=True):
@@ -190,6 +230,7 @@ class Cascade:
                 eta=eta,
                 clip_x=clip_x,
                 generator=gens if len(gens) > 1 else gens[0],
+                null_cond=null_cond,
                 progress=progress,
             )
             outputs.append(low)

@@ -106,6 +106,7 @@ class Stage:
         eta: float = 0.0,
         clip_x: float | None = 1.0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        null_cond: Mapping[str, Tensor] | None = None,
         progress: bool = False,
     ) -> Tensor:
         """``n`` samples of this stage, float [n, C, R, R] in [-1, 1].
@@ -117,6 +118,8 @@ class Stage:
         conditional model alone). ``generator``: one, or one per sample (then each sample's
         initial and augmentation noise come from its own generator; a stochastic sampler's
         per-step noise from the first). Draw order: augmentation noise, then z_T.
+        ``null_cond``: the text condition of guidance's unconditional branch (a negative
+        prompt's embeddings); default the learned null condition.
         """
         if sampler not in METHODS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(METHODS)}")
@@ -147,8 +150,12 @@ class Stage:
             kwargs["aug_level"] = torch.full((n,), s, dtype=torch.long, device=device)
         model = self.eps_model()
         if (net_cfg.num_classes or net_cfg.text_dim) and float(guidance_scale) != 1.0:
-            kwargs["cond_drop"] = torch.zeros(n, dtype=torch.bool, device=device)
-            model = classifier_free_guidance(model, float(guidance_scale), {"cond_drop": True})
+            if null_cond is not None and net_cfg.text_dim:  # eps_neg + s (eps_cond - eps_neg)
+                null = {k: null_cond[k].to(device) for k in kwargs if k in TEXT_KEYS}
+            else:
+                kwargs["cond_drop"] = torch.zeros(n, dtype=torch.bool, device=device)
+                null = {"cond_drop": True}
+            model = classifier_free_guidance(model, float(guidance_scale), null)
         C, R = net_cfg.in_channels, self.resolution
         z = randn((n, C, R, R))
         was_training = self.network.training

@@ -295,6 +295,39 @@ def test_stage_refuses_a_network_of_another_config():
         Stage(base_config(), network=UNet(other))
 
 
+def test_per_image_sampling_is_independent_of_the_batch():
+    """Batched kernels round differently per batch size; per_image makes each image a pure
+    function of (prompt, seed, settings): every sampler, stochastic ones included."""
+    cascade = tiny_cascade()
+    prompts, seeds = ["a red cat", "a blue dog", "", "two birds"], [3, 4, 5, 6]
+    for sampler in ("ddim", "ddpm", "dpmsolver++"):
+        kw = dict(guidance_scale=2.0, steps=4, sampler=sampler, per_image=True)
+        together = cascade.sample(prompts, seed=seeds, **kw)
+        alone = torch.cat([cascade.sample([p], seed=[s], **kw) for p, s in zip(prompts, seeds, strict=True)])
+        reordered = cascade.sample(prompts[::-1], seed=seeds[::-1], **kw)
+        assert torch.equal(together, alone) and torch.equal(together, reordered.flip(0))
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        cascade.sample(prompts, seed=0, per_image=True)
+
+
+def test_a_negative_prompt_replaces_the_null_condition_of_guidance():
+    cascade = tiny_cascade()
+    kw = dict(seed=[1, 2], guidance_scale=3.0, steps=4)
+    plain = cascade.sample(["a red cat", "a dog"], **kw)
+    empty = cascade.sample(["a red cat", "a dog"], negative_prompts=["", ""], **kw)
+    negative = cascade.sample(["a red cat", "a dog"], negative_prompts=["blue", "green"], **kw)
+    assert torch.equal(plain, empty)  # no negative prompt: the learned null, bit for bit
+    assert not torch.equal(plain, negative)
+    # with guidance 1 only the conditional branch runs: the negative prompt cannot matter
+    one = dict(seed=[1, 2], guidance_scale=1.0, steps=4)
+    assert torch.equal(
+        cascade.sample(["a red cat", "a dog"], **one),
+        cascade.sample(["a red cat", "a dog"], negative_prompts=["blue", "x"], **one),
+    )
+    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+        cascade.sample(["a", "b"], negative_prompts=["x"], **kw)
+
+
 def test_sampling_arguments_are_checked():
     cascade = tiny_cascade()
     with pytest.raises(ValueError, match="one per stage"):

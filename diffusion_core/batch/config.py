@@ -1,0 +1,68 @@
+"""The batch-sampling job's configuration (a CLI / Prefect / job-record boundary object)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from diffusion_core.storage import absolute, is_uri
+
+PROMPT_EXTENSIONS = ("txt", "jsonl", "csv", "parquet")
+
+
+class SamplerSettings(BaseModel):
+    """How every image is sampled: with the model, what each image is a pure function of."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    num_inference_steps: int = Field(50, ge=1, le=1000, description="network calls per stage")
+    guidance_scale: float = Field(3.0, ge=0.0, le=50.0, description="classifier-free guidance")
+
+
+class BatchConfig(BaseModel):
+    """``cascade sample`` / the ``sample-batch`` flow: prompts in, one image per prompt (or K)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        description="a cascade folder, or a registry URI (models:/name@alias, models:/name/3)"
+    )
+    prompts: list[str] = Field(min_length=1, description="prompt files (.txt .jsonl .csv .parquet)")
+    out: str = Field(description="output folder (local or a mounted shared filesystem)")
+    images_per_prompt: int = Field(1, ge=1, le=1000)
+    seed: int = Field(0, ge=0, description="job seed: a row without its own seed derives one")
+    settings: SamplerSettings = SamplerSettings()
+    batch_size: int = Field(8, ge=1, description="prompts per actor call (throughput only)")
+    format: Literal["png", "webdataset"] = Field(
+        "png", description="images/<id>.png, or webdataset shards (shards/shard-NNNNNN.tar)"
+    )
+    shard_size: int = Field(1000, ge=1, description="images per webdataset shard")
+    num_actors: int = Field(1, ge=1, description="sampler actors (each loads the model once)")
+    actor_cpus: float = Field(
+        0.5, gt=0, description="CPUs per actor; fractional on a small machine (whole-CPU actors "
+        "starve the read tasks and hang on 2 cores)"
+    )
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor (a GPU cluster)")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor")
+    contact_sheet: int = Field(16, ge=0, le=256, description="images on contact_sheet.png")
+
+    @field_validator("out")
+    @classmethod
+    def _local_out(cls, v: str) -> str:
+        v = v.removeprefix("file://")
+        if is_uri(v):
+            raise ValueError(f"out={v!r}: images are written to a local or mounted folder")
+        return absolute(v)
+
+    @field_validator("prompts")
+    @classmethod
+    def _known_formats(cls, files: list[str]) -> list[str]:
+        for f in files:
+            ext = f.rsplit(".", 1)[-1].lower() if "." in f.rsplit("/", 1)[-1] else ""
+            if ext not in PROMPT_EXTENSIONS:
+                raise ValueError(
+                    f"prompts file {f!r}: unknown format {ext!r}; use one of {list(PROMPT_EXTENSIONS)}"
+                )
+        return [absolute(f) for f in files]
