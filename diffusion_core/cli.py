@@ -35,8 +35,8 @@ def demo(
     count: int = typer.Option(4000, "--count", help="Built-in shapes samples to train on."),
     preset: str = typer.Option("demo", "--preset", help="Training preset (demo, tiny, a YAML)."),
 ) -> None:
-    """Run the whole pipeline on the built-in data: the chapter's figures, then shapes ->
-    ingest -> train every stage -> a sample grid of held-out captions, checked."""
+    """Run the whole pipeline on the built-in data: the chapter's figures, then the retrain flow
+    (shapes -> ingest -> train every stage -> evaluate -> register -> batch-sample)."""
     figures(out=out / "figures", seed=0)
     from flows.demo import run_demo  # orchestration lives with the flows
 
@@ -71,8 +71,20 @@ def ingest(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace the dataset already in --out (refused otherwise)."
     ),
+    eval_fraction: float = typer.Option(
+        0.02,
+        "--eval-fraction",
+        help="Share of samples held out for evaluation (eval-*.tar), chosen by a hash of the "
+        "sample key; 0 disables the split.",
+    ),
+    eval_max: int = typer.Option(
+        1000, "--eval-max", help="Cap on the evaluation split (the first N held out, input order)."
+    ),
 ) -> None:
     """Validate raw image/caption data and write versioned webdataset shards (a Ray Data job).
+
+    A deterministic share of the samples (--eval-fraction, at most --eval-max) is written to
+    separate evaluation shards; training reads only the others (docs/data.md).
 
     Exits 0 when the run completes, even with rejected inputs (listed in rejected.jsonl);
     non-zero when it cannot run (a missing or empty source, an unwritable output, an output
@@ -99,6 +111,8 @@ def ingest(
             allow_roots=allow_root,
             allow_remote=allow_remote,
             overwrite=overwrite,
+            eval_fraction=eval_fraction,
+            eval_max=eval_max,
         )
     except ValidationError as e:
         err.print(f"[red]error:[/red] invalid option: {e}", soft_wrap=True)
@@ -111,8 +125,8 @@ def ingest(
         def on_progress(p) -> None:
             bar.update(
                 task,
-                description=f"ingest: read {p.read}  accepted {p.accepted}  "
-                f"rejected {p.rejected}  shards {p.shards}",
+                description=f"ingest: read {p.read}  accepted {p.accepted} "
+                f"(eval {p.eval})  rejected {p.rejected}  shards {p.shards}",
             )
 
         try:
@@ -132,10 +146,12 @@ def _ingest_table(result):
     t.add_column("", justify="right")
     t.add_row("read", str(result.read))
     t.add_row("accepted", str(result.accepted))
+    t.add_row("  training split", str(result.train))
+    t.add_row("  evaluation split", str(result.eval))
     t.add_row("rejected", str(result.rejected))
     for reason, n in result.rejected_by_reason.items():
         t.add_row(f"  {reason}", str(n))
-    t.add_row("shards", str(len(result.shards)))
+    t.add_row("shards", f"{len(result.shards)} + {len(result.eval_shards)} eval")
     t.add_row("dataset version", result.dataset_version[:16])
     t.add_row("seconds", f"{result.seconds:.1f}")
     return t
@@ -164,6 +180,17 @@ def data_shapes(
 from diffusion_core.training.cli import train_command  # noqa: E402
 
 app.command("train")(train_command)
+
+# `cascade evaluate` lives with the evaluation (diffusion_core/evaluation/cli.py).
+from diffusion_core.evaluation.cli import evaluate_command  # noqa: E402
+
+app.command("evaluate")(evaluate_command)
+
+# `cascade register` and `cascade promote` live with the registry (diffusion_core/registry/cli.py).
+from diffusion_core.registry.cli import promote_command, register_command  # noqa: E402
+
+app.command("register")(register_command)
+app.command("promote")(promote_command)
 
 # `cascade sample` lives with the batch job (diffusion_core/batch/cli.py).
 from diffusion_core.batch.cli import sample_command  # noqa: E402

@@ -8,7 +8,7 @@ Thin Prefect 3 flows over :func:`diffusion_core.training.train`:
   and run concurrently as far as the Ray cluster's resources allow.
 
 A task retry never starts a second run: the run name is chosen before the first try, and a retry
-resumes that run from its latest checkpoint. Bad configs, bad data and a diverged loss are not
+resumes that run from its latest checkpoint (or, when it completed, returns its summary). Bad configs, bad data and a diverged loss are not
 retried.
 """
 
@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffusion_core.training import ConfigError, load_preset, train
-from diffusion_core.training.runs import new_run_name, read_run
+from diffusion_core.training.runs import new_run_name, read_run, read_summary
 from flows.retry import retry_if_transient
 
 
@@ -50,6 +50,11 @@ def train_stage_task(params: TrainStageParams) -> dict[str, Any]:
     started = read_run(cfg.storage_path, name) is not None
     if params.resume and not started:
         raise ConfigError(f"no run {params.resume!r} to resume in {cfg.storage_path}")
+    done = read_summary(cfg.storage_path, name) if started else None
+    if done is not None and done.status == "completed" and done.step >= cfg.steps:
+        # a rerun of a finished task (a retried or restarted flow): the run is the result
+        logger.info("%s: run %s already completed (%d steps)", params.stage, name, done.step)
+        return done.model_dump(mode="json")
     last = [0]
 
     def progress(p: dict[str, Any]) -> None:

@@ -29,6 +29,9 @@ class BatchConfig(BaseModel):
     model: str = Field(
         description="a cascade folder, or a registry URI (models:/name@alias, models:/name/3)"
     )
+    tracking_uri: str | None = Field(
+        None, description="the MLflow registry of a models:/ URI (default: $MLFLOW_TRACKING_URI)"
+    )
     prompts: list[str] = Field(min_length=1, description="prompt files (.txt .jsonl .csv .parquet)")
     out: str = Field(description="output folder (local or a mounted shared filesystem)")
     images_per_prompt: int = Field(1, ge=1, le=1000)

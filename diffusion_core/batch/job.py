@@ -127,7 +127,7 @@ def run_batch(
         )
     os.makedirs(cfg.out, exist_ok=True)
     try:
-        model = resolve_model(cfg.model, os.path.join(cfg.out, ".model"))
+        model = resolve_model(cfg.model, os.path.join(cfg.out, ".model"), cfg.tracking_uri)
     except ModelError as e:
         raise BatchError(str(e)) from None
     identity = job_identity(cfg, model)

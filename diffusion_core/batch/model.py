@@ -44,8 +44,28 @@ def _find_cascade(root: Path) -> Path:
     return found[0]
 
 
-def resolve_model(model: str, download_root: str | Path) -> ResolvedModel:
-    """Pin ``model`` (see the module docstring); fails fast with what to do."""
+def _probe(tracking_uri: str, where: str | None) -> None:
+    """Fail in seconds when an MLflow server does not answer (its client retries for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from diffusion_core.storage import strip_credentials
+
+    try:
+        urllib.request.urlopen(strip_credentials(tracking_uri)[0].rstrip("/") + "/health", timeout=5)
+    except urllib.error.HTTPError:
+        return  # it answers (auth or routing is the client's business)
+    except (urllib.error.URLError, OSError) as e:
+        raise ModelError(f"cannot reach the MLflow registry at {where}: {e}") from None
+
+
+def resolve_model(
+    model: str, download_root: str | Path, tracking_uri: str | None = None
+) -> ResolvedModel:
+    """Pin ``model`` (see the module docstring); fails fast with what to do. ``tracking_uri``:
+    the registry (default: ``$MLFLOW_TRACKING_URI`` / MLflow's own default)."""
     m = _MODELS_URI.match(model)
     if m is None:
         if "://" in model or model.startswith("models:"):
@@ -61,8 +81,10 @@ def resolve_model(model: str, download_root: str | Path) -> ResolvedModel:
     from mlflow.tracking import MlflowClient
 
     name, alias, version = m.group("name"), m.group("alias"), m.group("version")
-    client = MlflowClient()
-    where = redact(mlflow.get_tracking_uri())
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    where = redact(tracking_uri)
+    _probe(tracking_uri, where)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # not a global registry
     try:
         mv = (
             client.get_model_version_by_alias(name, alias)
@@ -70,7 +92,9 @@ def resolve_model(model: str, download_root: str | Path) -> ResolvedModel:
             else client.get_model_version(name, version)
         )
     except MlflowException as e:
-        raise ModelError(f"model {model!r} not found in the registry at {where}: {e.message}") from None
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ModelError(f"model {model!r} not found in the registry at {where}: {e.message}") from None
+        raise ModelError(f"the MLflow registry at {where} failed: {e.message}") from None
     except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeouts: say where
         raise ModelError(f"cannot reach the MLflow registry at {where}: {type(e).__name__}: {e}") from None
     pinned = f"models:/{name}/{mv.version}"
@@ -82,7 +106,10 @@ def resolve_model(model: str, download_root: str | Path) -> ResolvedModel:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(staging))
+            source = client.get_model_version_download_uri(name, str(mv.version))
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(staging), tracking_uri=tracking_uri
+            )
             _find_cascade(staging)
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)  # the folder appears whole or not at all

@@ -10,14 +10,13 @@ sampled again (its file is hashed instead): that is how a killed job resumes.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
+from diffusion_core.cascade.images import png_bytes
 from diffusion_core.storage import write_bytes_atomic
 
 RESULT_SCHEMA = pa.schema(
@@ -37,15 +36,6 @@ RESULT_SCHEMA = pa.schema(
 
 def image_path(out: str, image_id: str) -> str:
     return os.path.join(out, "images", f"{image_id}.png")
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 [H, W, 3] → PNG bytes (deterministic for a given Pillow/zlib; no metadata)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 class CascadeSampler:
@@ -110,4 +100,4 @@ class CascadeSampler:
             guidance_scale=s["guidance_scale"],
             per_image=True,
         )
-        return encode_png(images[0].numpy())  # type: ignore[index]
+        return png_bytes(images[0])  # type: ignore[index]

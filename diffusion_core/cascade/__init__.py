@@ -7,7 +7,7 @@ The optimiser step that uses the losses lives with the training job
 (:func:`diffusion_core.training.step.training_step`).
 """
 
-from diffusion_core.cascade.cascade import Cascade
+from diffusion_core.cascade.cascade import Cascade, cascade_files, content_hash
 from diffusion_core.cascade.config import (
     CASCADE_JSON,
     FORMAT_VERSION,
@@ -16,7 +16,7 @@ from diffusion_core.cascade.config import (
     Sampler,
     StageConfig,
 )
-from diffusion_core.cascade.images import images_to_model, model_to_images, resize
+from diffusion_core.cascade.images import images_to_model, model_to_images, png_bytes, resize
 from diffusion_core.cascade.losses import stage_losses
 from diffusion_core.cascade.stage import Stage
 
@@ -25,12 +25,15 @@ __all__ = [
     "FORMAT_VERSION",
     "TEXT_KEYS",
     "Cascade",
+    "cascade_files",
+    "content_hash",
     "CascadeConfig",
     "Sampler",
     "Stage",
     "StageConfig",
     "images_to_model",
     "model_to_images",
+    "png_bytes",
     "resize",
     "stage_losses",
 ]

@@ -272,3 +272,45 @@ class Cascade:
             )
             stages.append(Stage(sc, network=net))  # type: ignore[arg-type]
         return cls(stages, text_encoder=config.text_encoder, text_max_tokens=config.text_max_tokens)
+
+
+def cascade_files(directory: str | Path) -> list[str]:
+    """The files of a cascade folder that :meth:`Cascade.load` reads, relative and sorted:
+    ``cascade.json`` and ``stages/<name>/*`` of every stage it lists (``ValueError`` if any is
+    missing)."""
+    root = Path(directory)
+    path = root / CASCADE_JSON
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{root} has no {CASCADE_JSON}: not a cascade folder (train the stages with "
+            "`cascade train --export DIR` or save one with Cascade.save)"
+        )
+    try:
+        config = CascadeConfig.model_validate_json(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not a valid cascade config: {e}") from e
+    files = [CASCADE_JSON]
+    for stage in config.stages:
+        folder = root / "stages" / stage.name
+        found = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"stage {stage.name!r} of {root} has no files in {folder}")
+        files += [p.relative_to(root).as_posix() for p in found]
+    return files
+
+
+def content_hash(directory: str | Path) -> str:
+    """sha256 over the (path, sha256) of every file :func:`cascade_files` lists: names the
+    weights and configs, not where they lie or when they were exported (the registry's identity
+    of a cascade, and what an evaluation report records)."""
+    import hashlib
+
+    root = Path(directory)
+    outer = hashlib.sha256()
+    for rel in cascade_files(root):
+        inner = hashlib.sha256()
+        with open(root / rel, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                inner.update(block)
+        outer.update(f"{rel}\t{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +43,15 @@ def resize(x: Tensor, size: int) -> Tensor:
         )
     return F.interpolate(x, size=(size, size), mode="area")
 
+
+def png_bytes(image: Tensor | Any) -> bytes:
+    """One uint8 image [H, W, 3] (tensor or array) as PNG bytes: no metadata, zlib level 6, so
+    the same pixels give the same bytes (the registry model and the batch job both use this)."""
+    import io
+
+    from PIL import Image
+
+    array = image.cpu().numpy() if hasattr(image, "cpu") else image
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()

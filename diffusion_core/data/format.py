@@ -1,7 +1,8 @@
 """The dataset format in one place (``docs/data.md``): names, the manifest schema, its writer, its reader.
 
-A dataset is a folder of webdataset shards (``shard-NNNNNN.tar``), ``rejected.jsonl`` and
-``manifest.json``. The manifest is written last and atomically: a folder is a complete dataset
+A dataset is a folder of webdataset shards: the training split (``shard-NNNNNN.tar``) and the
+held-out evaluation split (``eval-NNNNNN.tar``, chosen by :func:`in_eval_split`), plus
+``rejected.jsonl`` and ``manifest.json``. The manifest is written last and atomically: a folder is a complete dataset
 iff it has one, and from then on the folder is immutable (the ingest refuses to write into it
 without ``overwrite``). ``dataset_version`` is the sha256 of the manifest's canonical content
 (everything but ``sources``), so it names the content, not where the input lay.
@@ -31,12 +32,30 @@ MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+EVAL_SHARD_PATTERN = "eval-%06d.tar"
+EVAL_SHARD_RE = re.compile(r"^eval-(\d{6})\.tar$")
+SPLIT_RULE = "sha256(key)[:8] as a big-endian integer < eval_fraction * 2**64, first eval_max"
 # every sample's members, in the order they are written
 MEMBERS = ("png", "txt", "json", "emb.npy", "tok.npy")
 
 
 class DataError(ValueError):
     """A dataset that cannot be used (trained on, evaluated): what is wrong and what to do."""
+
+
+# ============================================================================ the split
+
+
+def split_hash(key: str) -> int:
+    """The key's position in the split order: the first 8 bytes of sha256(key), an integer in
+    [0, 2**64). A pure function of the key, so a sample keeps its split when data are added."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
+def in_eval_split(key: str, eval_fraction: float) -> bool:
+    """Whether a sample's key falls below the evaluation threshold (before the cap ``eval_max``,
+    which the ingest applies in input order: ``docs/data.md``, "The evaluation split")."""
+    return split_hash(key) < int(eval_fraction * 2**64)
 
 
 # ============================================================================ writing
@@ -58,13 +77,18 @@ def build_manifest(
     counts: dict[str, Any],
     rejected_sha256: str,
     sources: list[str],
+    eval_shards: list[dict[str, Any]] | None = None,
+    split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a finished ingest. ``shards``: ``{name, samples, sha256, bytes}`` each;
-    ``counts``: ``{read, accepted, rejected, rejected_by_reason}``."""
+    """The manifest of a finished ingest. ``shards`` (the training split) and ``eval_shards``
+    (the evaluation split): ``{name, samples, sha256, bytes}`` each; ``counts``: ``{read,
+    accepted, rejected, rejected_by_reason}``; ``split``: ``{rule, eval_fraction, eval_max,
+    train, eval}`` (``accepted = train + eval``)."""
     content = {
         "schema_version": SCHEMA_VERSION,
         "format": {
             "shard_pattern": SHARD_PATTERN,
+            "eval_shard_pattern": EVAL_SHARD_PATTERN,
             "members": list(MEMBERS),
             "image": {"format": "png", "mode": "RGB", "resolution": resolution},
             "emb.npy": {"dtype": "float32", "shape": "[dim]"},
@@ -75,6 +99,8 @@ def build_manifest(
         "validation": validation,
         "shard_size": shard_size,
         "shards": shards,
+        "eval_shards": list(eval_shards or []),
+        "split": split or {},
         "counts": counts,
         "rejected_file": {"name": REJECTED, "sha256": rejected_sha256},
     }
@@ -93,7 +119,13 @@ def write_manifest(out: str, manifest: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a job needs to know of a dataset, from its ``manifest.json``."""
+    """What a job needs to know of a dataset, from its ``manifest.json``.
+
+    ``shards`` are the shards of one split, ``split``: the training split as read by
+    :func:`read_manifest` (what training reads, unchanged by the evaluation split), or the
+    evaluation split in the view :meth:`eval_split` returns (what evaluation reads). The
+    ``eval_*`` fields list the evaluation shards of the dataset as a whole.
+    """
 
     path: str
     version: str
@@ -104,10 +136,51 @@ class DatasetInfo:
     shards: tuple[tuple[str, int], ...]  # (file name, sample count)
     shard_sha256: tuple[str | None, ...] = ()  # per shard, as the manifest records it
     shard_bytes: tuple[int | None, ...] = ()
+    eval_shards: tuple[tuple[str, int], ...] = ()
+    eval_shard_sha256: tuple[str | None, ...] = ()
+    eval_shard_bytes: tuple[int | None, ...] = ()
+    eval_fraction: float | None = None  # None: ingested before the split existed
+    eval_max: int | None = None
+    split: str = "train"
 
     @property
     def num_samples(self) -> int:
+        """Samples in ``shards`` (the training split, or the evaluation split of the view)."""
         return sum(n for _, n in self.shards)
+
+    @property
+    def num_eval_samples(self) -> int:
+        return sum(n for _, n in self.eval_shards)
+
+    def eval_split(self) -> DatasetInfo:
+        """The evaluation split as a dataset of its own: ``shards`` are the ``eval-*.tar``
+        shards, so any reader of :attr:`shards` reads the held-out samples only."""
+        if self.split == "eval":
+            return self
+        if not self.eval_shards:
+            why = (
+                "it was ingested before datasets had one"
+                if self.eval_fraction is None
+                else f"--eval-fraction {self.eval_fraction} selected no sample"
+            )
+            raise DataError(
+                f"dataset {self.path!r} has no evaluation split ({why}); re-ingest it with "
+                "`cascade ingest ... --eval-fraction F` (default 0.02)"
+            )
+        return DatasetInfo(
+            path=self.path,
+            version=self.version,
+            resolution=self.resolution,
+            text_encoder_name=self.text_encoder_name,
+            text_encoder_id=self.text_encoder_id,
+            max_tokens=self.max_tokens,
+            shards=self.eval_shards,
+            shard_sha256=self.eval_shard_sha256,
+            shard_bytes=self.eval_shard_bytes,
+            eval_fraction=self.eval_fraction,
+            eval_max=self.eval_max,
+            split="eval",
+        )
 
 
 def load_manifest(path: str) -> dict[str, Any]:
@@ -148,6 +221,8 @@ def dataset_info(path: str, m: dict[str, Any]) -> DatasetInfo:
         if isinstance(enc, str):
             enc = {"name": enc, "id": enc}
         shards = m["shards"]
+        eval_shards = m.get("eval_shards") or []
+        split = m.get("split") or {}
         return DatasetInfo(
             path=str(path),
             version=str(m["dataset_version"]),
@@ -158,15 +233,27 @@ def dataset_info(path: str, m: dict[str, Any]) -> DatasetInfo:
             shards=tuple((str(s["name"]), int(s["samples"])) for s in shards),
             shard_sha256=tuple(s.get("sha256") for s in shards),
             shard_bytes=tuple(s.get("bytes") for s in shards),
+            eval_shards=tuple((str(s["name"]), int(s["samples"])) for s in eval_shards),
+            eval_shard_sha256=tuple(s.get("sha256") for s in eval_shards),
+            eval_shard_bytes=tuple(s.get("bytes") for s in eval_shards),
+            eval_fraction=None if "eval_fraction" not in split else float(split["eval_fraction"]),
+            eval_max=None if split.get("eval_max") is None else int(split["eval_max"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{mpath} is not a dataset manifest this reader understands: {e!r}") from e
 
 
 def read_manifest(path: str) -> DatasetInfo:
-    """Read and check ``<path>/manifest.json`` (local path or fsspec URL)."""
+    """Read and check ``<path>/manifest.json`` (local path or fsspec URL): the training split
+    (``info.eval_split()`` is the evaluation split)."""
     info = dataset_info(path, load_manifest(path))
     if info.num_samples == 0:
+        if info.num_eval_samples:
+            raise DataError(
+                f"dataset {info.path!r} holds no training samples: all "
+                f"{info.num_eval_samples} accepted samples are in the evaluation split; "
+                "re-ingest with a smaller --eval-fraction or --eval-max"
+            )
         raise DataError(f"dataset {info.path!r} holds no samples (all inputs were rejected?)")
     return info
 
@@ -215,14 +302,18 @@ def _hash_and_count(fs: Any, path: str) -> tuple[str, int | None]:
 
 
 def verify_shards(info: DatasetInfo) -> None:
-    """Check every shard against the manifest (size, sha256, sample count); raise
-    :class:`DataError` naming the first shard that differs. Reads every shard once."""
+    """Check every shard of both splits against the manifest (size, sha256, sample count);
+    raise :class:`DataError` naming the first shard that differs. Reads every shard once."""
     fs, root = fsspec.core.url_to_fs(info.path)
-    n = len(info.shards)
-    shas = info.shard_sha256 or (None,) * n
-    sizes = info.shard_bytes or (None,) * n
+    entries = []
+    for shards, shas, sizes in (
+        (info.shards, info.shard_sha256, info.shard_bytes),
+        (info.eval_shards, info.eval_shard_sha256, info.eval_shard_bytes),
+    ):
+        n = len(shards)
+        entries += zip(shards, shas or (None,) * n, sizes or (None,) * n, strict=True)
     fix = "the dataset changed after it was ingested (or is damaged); re-run the ingest"
-    for (name, samples), want, size in zip(info.shards, shas, sizes, strict=True):
+    for (name, samples), want, size in entries:
         if not want:
             raise DataError(f"the manifest of {info.path!r} records no sha256 for shard {name}")
         path = join(root, name)

@@ -9,8 +9,10 @@ loop run the very same code):
    (1 and 2 run together, one Ray task per unit; a streaming repartition then slices each unit's
    output into ``batch_size``-row blocks.)
 3. :class:`EmbedStage`: caption embeddings with the text encoder (a Ray actor pool).
-4. :class:`DatasetWriter` (driver): duplicate keys, shard membership in input order, atomic shard
-   writes, ``rejected.jsonl`` and ``manifest.json`` (the format: :mod:`diffusion_core.data.format`).
+4. :class:`DatasetWriter` (driver): duplicate keys, the evaluation split (a hash of the key, then
+   a cap in input order), shard membership in input order, atomic shard writes (``shard-*.tar``
+   for training, ``eval-*.tar`` for evaluation), ``rejected.jsonl`` and ``manifest.json`` (the
+   format: :mod:`diffusion_core.data.format`).
 
 Every input file is read through :mod:`diffusion_core.data.safety` (no symlink followed, no path
 outside its source, a size cap checked before reading), in the Ray tasks and the local loop alike.
@@ -29,7 +31,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,13 +39,17 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffusion_core.data.format import (
+    EVAL_SHARD_PATTERN,
+    EVAL_SHARD_RE,
     MANIFEST,
     REJECTED,
     SHARD_PATTERN,
     SHARD_RE,
+    SPLIT_RULE,
     DataError,
     build_manifest,
     dataset_info,
+    in_eval_split,
     load_manifest,
     verify_shards,
     write_manifest,
@@ -140,6 +146,19 @@ class IngestConfig(BaseModel):
     )
     text_encoder: str = Field("all-MiniLM-L6-v2", description="Registered text encoder name.")
     max_tokens: int = Field(32, ge=1, le=512, description="Token states kept per caption.")
+    eval_fraction: float = Field(
+        0.02,
+        ge=0.0,
+        lt=1.0,
+        description="Share of samples held out for evaluation, by a hash of the sample key "
+        "(0 disables the split).",
+    )
+    eval_max: int = Field(
+        1000,
+        ge=0,
+        description="Cap on the evaluation split: the first this many held-out samples in input "
+        "order; the rest of those the hash selects stay in training.",
+    )
     batch_size: int = Field(
         256, ge=1, description="Rows per block/batch reaching the text-encoder actors."
     )
@@ -188,9 +207,12 @@ class IngestConfig(BaseModel):
 @dataclass
 class IngestProgress:
     read: int = 0
-    accepted: int = 0
+    accepted: int = 0  # = train + eval
     rejected: int = 0
-    shards: int = 0
+    shards: int = 0  # training shards written
+    train: int = 0
+    eval: int = 0
+    eval_shards: int = 0
 
 
 @dataclass(frozen=True)
@@ -204,6 +226,9 @@ class IngestResult:
     rejected_by_reason: dict[str, int]
     shards: list[dict[str, Any]]
     seconds: float
+    train: int = 0
+    eval: int = 0
+    eval_shards: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -356,8 +381,51 @@ def refuse_existing_dataset(cfg: IngestConfig) -> None:
     )
 
 
+class _SplitShards:
+    """The shards of one split: the next ``shard_size`` samples go into the next shard."""
+
+    def __init__(self, out: str, pattern: str, shard_size: int) -> None:
+        self.out, self.pattern, self.shard_size = out, pattern, shard_size
+        self.shards: list[dict[str, Any]] = []
+        self.samples = 0
+        self._shard: DeterministicTarWriter | None = None
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        if self._shard is None:
+            name = self.pattern % len(self.shards)
+            self._shard = DeterministicTarWriter(os.path.join(self.out, name))
+        self._shard.add_sample(key, members)
+        self.samples += 1
+        if self._shard.count >= self.shard_size:
+            self.close()
+
+    def close(self) -> None:
+        if self._shard is None:
+            return
+        w, self._shard = self._shard, None
+        sha = w.close()
+        self.shards.append(
+            {
+                "name": os.path.basename(w.path),
+                "samples": w.count,
+                "sha256": sha,
+                "bytes": os.path.getsize(w.path),
+            }
+        )
+
+    def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.abort()
+            self._shard = None
+
+
 class DatasetWriter:
     """Consumes sample rows in input order; writes shards, ``rejected.jsonl``, ``manifest.json``.
+
+    Each accepted sample goes to the evaluation split when its key hashes below
+    ``eval_fraction`` (:func:`~diffusion_core.data.format.in_eval_split`) and fewer than
+    ``eval_max`` samples are held out yet, else to the training split; each split has its own
+    shards (``eval-*.tar``, ``shard-*.tar``), so the training reader sees only its split.
 
     The manifest is written last, atomically: a folder is a complete dataset iff it has one.
     Starting a run removes any partial file an interrupted run left (and, with ``overwrite``,
@@ -372,11 +440,16 @@ class DatasetWriter:
         self.progress = IngestProgress()
         self.by_reason: Counter[str] = Counter()
         self.seen: set[str] = set()
-        self.shards: list[dict[str, Any]] = []
+        self.train = _SplitShards(self.out, SHARD_PATTERN, cfg.shard_size)
+        self.eval = _SplitShards(self.out, EVAL_SHARD_PATTERN, cfg.shard_size)
         self.encoder_id: str | None = None
-        self._shard: DeterministicTarWriter | None = None
         self._rej = AtomicFile(os.path.join(self.out, REJECTED))
         self._rej_hash = hashlib.sha256()
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        """The training split's shards written so far."""
+        return self.train.shards
 
     def _clean_start(self) -> None:
         refuse_existing_dataset(self.cfg)  # again: another run may have finished meanwhile
@@ -413,11 +486,13 @@ class DatasetWriter:
             self.encoder_id = r["encoder_id"]
             self._add(r)
 
+    def _held_out(self, key: str) -> bool:
+        cfg = self.cfg
+        return self.eval.samples < cfg.eval_max and in_eval_split(key, cfg.eval_fraction)
+
     def _add(self, r: dict[str, Any]) -> None:
-        if self._shard is None:
-            name = SHARD_PATTERN % len(self.shards)
-            self._shard = DeterministicTarWriter(os.path.join(self.out, name))
-        self._shard.add_sample(
+        split = self.eval if self._held_out(r["key"]) else self.train
+        split.add(
             r["key"],
             [
                 ("png", r["png"]),
@@ -427,39 +502,28 @@ class DatasetWriter:
                 ("tok.npy", r["tok"]),
             ],
         )
-        self.progress.accepted += 1
-        if self._shard.count >= self.cfg.shard_size:
-            self._close_shard()
-
-    def _close_shard(self) -> None:
-        assert self._shard is not None
-        w, self._shard = self._shard, None
-        sha = w.close()
-        self.shards.append(
-            {
-                "name": os.path.basename(w.path),
-                "samples": w.count,
-                "sha256": sha,
-                "bytes": os.path.getsize(w.path),
-            }
-        )
-        self.progress.shards = len(self.shards)
+        p = self.progress
+        p.accepted += 1
+        p.train, p.eval = self.train.samples, self.eval.samples
+        p.shards, p.eval_shards = len(self.train.shards), len(self.eval.shards)
 
     def abort(self) -> None:
-        if self._shard is not None:
-            self._shard.abort()
-            self._shard = None
+        self.train.abort()
+        self.eval.abort()
         self._rej.abort()
 
     def finish(self) -> dict[str, Any]:
-        if self._shard is not None:
-            self._close_shard()
+        self.train.close()
+        self.eval.close()
+        self.progress.shards = len(self.train.shards)
+        self.progress.eval_shards = len(self.eval.shards)
         self._rej.commit()
         # shards left by an earlier run that produced more of them
         for p in os.listdir(self.out):
-            m = SHARD_RE.match(p)
-            if m and int(m.group(1)) >= len(self.shards):
-                os.remove(os.path.join(self.out, p))
+            for pattern, split in ((SHARD_RE, self.train), (EVAL_SHARD_RE, self.eval)):
+                m = pattern.match(p)
+                if m and int(m.group(1)) >= len(split.shards):
+                    os.remove(os.path.join(self.out, p))
         return self._write_manifest()
 
     def _write_manifest(self) -> dict[str, Any]:
@@ -467,6 +531,8 @@ class DatasetWriter:
         p = self.progress
         if p.read != p.accepted + p.rejected:  # pragma: no cover - an invariant
             raise IngestError(f"read {p.read} != accepted {p.accepted} + rejected {p.rejected}")
+        if p.accepted != p.train + p.eval:  # pragma: no cover - an invariant
+            raise IngestError(f"accepted {p.accepted} != train {p.train} + eval {p.eval}")
         manifest = build_manifest(
             resolution=cfg.resolution,
             text_encoder={
@@ -480,7 +546,15 @@ class DatasetWriter:
                 "max_file_bytes": cfg.max_file_bytes,
             },
             shard_size=cfg.shard_size,
-            shards=self.shards,
+            shards=self.train.shards,
+            eval_shards=self.eval.shards,
+            split={
+                "rule": SPLIT_RULE,
+                "eval_fraction": cfg.eval_fraction,
+                "eval_max": cfg.eval_max,
+                "train": p.train,
+                "eval": p.eval,
+            },
             counts={
                 "read": p.read,
                 "accepted": p.accepted,
@@ -611,6 +685,9 @@ def ingest(
         rejected_by_reason=counts["rejected_by_reason"],
         shards=manifest["shards"],
         seconds=time.perf_counter() - t0,
+        train=manifest["split"]["train"],
+        eval=manifest["split"]["eval"],
+        eval_shards=manifest["eval_shards"],
     )
 
 
@@ -623,3 +700,37 @@ def verify(out: str) -> dict[str, Any]:
     except DataError as e:
         raise IngestError(str(e)) from e
     return manifest
+
+
+# Options that do not change a dataset's content (where it goes, how fast it is made).
+_NOT_CONTENT = {"out", "overwrite", "batch_size", "reader_cpus", "num_encoders", "encoder_cpus"}
+
+
+def input_fingerprint(cfg: IngestConfig) -> str:
+    """sha256 of everything an ingest's output is a function of: the options that decide the
+    content and every source file (its path inside the source, size and sha256).
+
+    Cheap next to an ingest (one read of the raw bytes, no decoding, no text encoder), so a
+    scheduled pipeline can name a dataset folder by its inputs and skip the ingest when nothing
+    changed (``flows/retrain.py``). The dataset version itself (a hash of the output) can only be
+    known by ingesting.
+    """
+    import fsspec
+
+    h = hashlib.sha256()
+    options = cfg.model_dump(mode="json", exclude=_NOT_CONTENT | {"sources"})
+    h.update(json.dumps(options, sort_keys=True).encode())
+    for src in cfg.sources:
+        fs, root = fsspec.core.url_to_fs(src)
+        if not fs.exists(root):
+            raise IngestError(f"source {src!r} does not exist")
+        files = sorted(fs.find(root)) if fs.isdir(root) else [root]
+        h.update(f"source\t{len(files)}\n".encode())
+        for path in files:
+            rel = path[len(root) :].lstrip("/") or os.path.basename(path)
+            digest = hashlib.sha256()
+            with fs.open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            h.update(f"{rel}\t{fs.size(path)}\t{digest.hexdigest()}\n".encode())
+    return h.hexdigest()

@@ -1,58 +1,96 @@
-"""Held-out captions of the built-in shapes data, sampled and checked by the shapes checker.
+"""Held-out data: the dataset's evaluation split (images, captions, caption embeddings).
 
-The captions come from scenes drawn with a seed the training data did not use
-(:data:`HELD_OUT_SEED`); :func:`sample_and_check` samples a cascade for them and scores each image
-with :func:`diffusion_core.data.shapes.check_caption` (the demo's faithfulness).
+- :func:`read_heldout` reads the first n samples of a dataset's evaluation split (the
+  ``eval-*.tar`` shards the ingest holds out by a hash of the key, ``docs/data.md``): images,
+  captions and their precomputed caption embeddings. :class:`HeldOutTextEncoder` serves those
+  embeddings to a cascade in place of its text encoder (when the encoder is the dataset's).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import numpy as np
+import torch
 
-from diffusion_core.evaluation.grids import caption_grid
+from diffusion_core.data.format import DataError, DatasetInfo, verify_shards
+from diffusion_core.text import TextEmbeddings, normalize_caption
 
-HELD_OUT_SEED = 1_000_003
-
-
-def held_out_captions(n: int, train_count: int, train_seed: int = 0) -> list[tuple[str, bool]]:
-    """``n`` captions of scenes drawn with a seed the training data did not use, each with
-    whether the exact caption string also occurs in the training set."""
-    from diffusion_core.data.shapes import sample_scene
-
-    seen = {
-        sample_scene(np.random.default_rng([train_seed, i]))[0].caption()
-        for i in range(train_count)
-    }
-    out: list[tuple[str, bool]] = []
-    i = 0
-    while len(out) < n:
-        caption = sample_scene(np.random.default_rng([HELD_OUT_SEED, i]))[0].caption()
-        i += 1
-        if caption not in (c for c, _ in out):
-            out.append((caption, caption in seen))
-    return out
+Tensor = torch.Tensor
 
 
-def sample_and_check(
-    cascade_dir: Path, out: Path, *, train_count: int, samples: int = 16, steps: int = 50
-) -> list[dict[str, Any]]:
-    """Sample the cascade for held-out captions (one seed each), check every image with the
-    shapes checker, write ``grid.png`` (OK/NO and a green/red frame); return a row per caption."""
-    from diffusion_core.cascade import Cascade
-    from diffusion_core.data.shapes import check_caption
+@dataclass(frozen=True)
+class HeldOut:
+    """The first n samples of the evaluation split, in split order."""
 
-    cascade = Cascade.load(cascade_dir)
-    held = held_out_captions(samples, train_count)
-    captions = [c for c, _ in held]
-    images = cascade.sample(captions, seed=list(range(len(captions))), steps=steps)
-    images_np = images.numpy()  # type: ignore[union-attr]
-    checks = [check_caption(img, cap) for img, cap in zip(images_np, captions, strict=True)]
-    out.mkdir(parents=True, exist_ok=True)
-    caption_grid(images_np, captions, [c.match for c in checks]).save(out / "grid.png")
-    return [
-        {"caption": cap, "in_training_set": seen, "match": c.match, "reason": c.reason}
-        for (cap, seen), c in zip(held, checks, strict=True)
-    ]
+    info: DatasetInfo  # the evaluation split's view (``info.split == "eval"``)
+    keys: list[str]
+    captions: list[str]
+    images: Tensor  # uint8 [n, R, R, 3] at the dataset's resolution
+    text: dict[str, Tensor]  # text_pooled [n, d], text_tokens [n, T, d], text_mask [n, T]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def read_heldout(info: DatasetInfo, n: int, *, verify: bool = True) -> HeldOut:
+    """The first ``n`` held-out samples of a dataset (``info`` from ``read_manifest`` /
+    ``dataset_info``); raises :class:`DataError` when it has no evaluation split or fewer than
+    ``n`` held-out samples. ``verify`` checks the evaluation shards' sha256 first."""
+    from diffusion_core.training.reader import ShardReader  # the one shard reader
+
+    split = info.eval_split()
+    if split.num_samples < n:
+        raise DataError(
+            f"dataset {info.path!r} holds {split.num_samples} held-out samples, {n} asked for; "
+            "evaluate fewer (--num-samples) or re-ingest with a larger --eval-fraction/--eval-max"
+        )
+    if verify:
+        verify_shards(split)
+    reader = ShardReader(split)
+    try:
+        batch = reader.read_batch(range(n))
+    finally:
+        reader.close()
+    return HeldOut(
+        info=split,
+        keys=list(batch["key"]),
+        captions=list(batch["caption"]),
+        images=batch["image"],
+        text={k: batch[k] for k in ("text_pooled", "text_tokens", "text_mask")},
+    )
+
+
+class HeldOutTextEncoder:
+    """A text encoder that answers from the ingest's precomputed embeddings of known captions.
+
+    ``tokens`` are cut to ``max_tokens`` (the cascade's count): the ingest's encoder computes the
+    token states of the whole caption and keeps the first ones, so the first ``max_tokens`` equal
+    what the cascade's own encoder would give (to the float16 rounding of the stored states).
+    """
+
+    def __init__(self, heldout: HeldOut, *, encoder_id: str, max_tokens: int | None = None):
+        pooled, tokens, mask = (
+            heldout.text[k] for k in ("text_pooled", "text_tokens", "text_mask")
+        )
+        t = tokens.shape[1] if max_tokens is None else min(max_tokens, tokens.shape[1])
+        self.id, self.dim, self.max_tokens = encoder_id, int(pooled.shape[1]), t
+        self._rows = {normalize_caption(c): i for i, c in enumerate(heldout.captions)}
+        self._pooled, self._tokens, self._mask = pooled, tokens[:, :t], mask[:, :t]
+
+    def encode(self, captions: Sequence[str], batch_size: int = 8) -> TextEmbeddings:
+        rows = []
+        for c in captions:
+            key = normalize_caption(c)
+            if key not in self._rows:
+                raise KeyError(f"caption {c!r} is not among the held-out captions")
+            rows.append(self._rows[key])
+        idx = torch.tensor(rows, dtype=torch.long)
+        mask = self._mask[idx]
+        return TextEmbeddings(
+            self._pooled[idx].float(),
+            self._tokens[idx].float() * mask[..., None],
+            mask,
+            mask.sum(1).long(),
+        )
+

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from diffusion_core.cascade import CascadeConfig, StageConfig
 from diffusion_core.storage import absolute, redact, strip_credentials
@@ -73,6 +80,11 @@ class TrainSettings(BaseModel):
     sample_steps: int = Field(25, ge=1, description="DDIM steps for sample grids")
     guidance_scale: float = Field(3.0, ge=0.0, description="CFG weight for sample grids")
     seed: int = Field(0, ge=0)
+    init_weights: str | None = Field(
+        None,
+        description="warm start: a cascade folder whose weights for this stage initialise the "
+        "network (its network config must match); None: random initialisation from the seed",
+    )
     max_failures: int = Field(1, ge=0, description="worker-group restarts (FailureConfig)")
     prefetch: int = Field(4, ge=1, description="batches decoded ahead of the step")
 
@@ -91,6 +103,11 @@ class TrainConfig(TrainSettings):
     tracking_uri: str | None = Field(
         None, description="MLflow; default $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db"
     )
+
+    @field_validator("init_weights")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        return None if v is None else absolute(v)  # workers and clusters run elsewhere
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

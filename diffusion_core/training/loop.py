@@ -85,6 +85,19 @@ def make_grid(
 
 
 # ============================================================================ the loop
+def warm_start_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights of ``cfg.stage`` in the cascade folder ``cfg.init_weights``: the network
+    config must be the one being trained (a warm start changes the weights, not the model)."""
+    from diffusion_core.nn import load_network
+
+    path = Path(cfg.init_weights or "") / "stages" / cfg.stage
+    try:
+        net = load_network(path, expected_config=cfg.stage_config.network)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"cannot warm-start stage {cfg.stage!r} from {cfg.init_weights}: {e}") from e
+    return net.state_dict()
+
+
 def _gather(obj: Any, world: int) -> list[Any]:
     if world == 1:
         return [obj]
@@ -120,6 +133,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     # ---- the stage (initialised from the seed: same on every rank and every run), DDP, ...
     torch.manual_seed(cfg.seed)
     stage = Stage(cfg.stage_config)
+    if cfg.init_weights:  # warm start (the EMA below starts from these weights too)
+        stage.network.load_state_dict(warm_start_weights(cfg))
     stage.network.to(device)
     model: torch.nn.Module = stage.network
     if world > 1:

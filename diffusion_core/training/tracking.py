@@ -42,7 +42,7 @@ def git_commit() -> str | None:
         return None
 
 
-def _artifact_location(tracking_uri: str) -> str | None:
+def artifact_location(tracking_uri: str) -> str | None:
     """Beside a local sqlite store, artifacts go to ``mlartifacts/`` next to the database."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
@@ -85,7 +85,7 @@ def open_run(
     if exp is None:
         try:
             exp_id = client.create_experiment(
-                config.experiment, artifact_location=_artifact_location(tracking_uri)
+                config.experiment, artifact_location=artifact_location(tracking_uri)
             )
         except MlflowException:  # created concurrently
             exp_id = client.get_experiment_by_name(config.experiment).experiment_id  # type: ignore[union-attr]

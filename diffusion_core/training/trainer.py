@@ -83,6 +83,13 @@ def check_config(config: TrainConfig, data: str) -> DatasetInfo:
             f"(batch_size={config.batch_size}); lower batch_size or ingest more data"
         )
     verify_shards(info)  # once per run: the shards are the ones the manifest describes
+    if config.init_weights:  # fail now, not in every worker
+        from diffusion_core.training.loop import warm_start_weights
+
+        try:
+            warm_start_weights(config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return info
 
 

@@ -69,6 +69,7 @@ def test_nccl_all_reduce_of_the_loss_in_a_two_gpu_run(tmp_path, monkeypatch):
             min_size=16,
             text_encoder="hash-test",
             max_tokens=8,
+            eval_fraction=0.0,
         ),
         engine="local",
     )

@@ -114,12 +114,9 @@ def test_bad_jobs_fail_before_any_actor_starts(ray_local, cascade_dir, tmp_path)
         run_batch(cfg(cascade_dir, [tmp_path / "none.txt"], tmp_path / "o1"))
     with pytest.raises(BatchError, match="model folder .* does not exist"):
         run_batch(cfg(tmp_path / "nowhere", [p], tmp_path / "o2"))
-    with pytest.raises(BatchError, match="cannot reach the MLflow registry|not found"):
-        os.environ["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # nothing listens there
-        try:
-            run_batch(cfg("models:/cascade-diffusion@champion", [p], tmp_path / "o3"))
-        finally:
-            del os.environ["MLFLOW_TRACKING_URI"]
+    with pytest.raises(BatchError, match="cannot reach the MLflow registry"):
+        nowhere = "http://127.0.0.1:9"  # nothing listens there
+        run_batch(cfg("models:/x@champion", [p], tmp_path / "o3", tracking_uri=nowhere))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(BatchError, match="no prompt to sample"):
@@ -181,28 +178,30 @@ def test_a_killed_job_resumes_without_recomputing_or_duplicating(ray_local, casc
     }
 
 
-def _register(client, name: str, cascade_dir: Path) -> str:
+def _register(client, name: str, cascade_dir: Path, artifacts: Path) -> str:
     """A registry version whose artifacts are a cascade folder (what resolution needs)."""
-    import mlflow
-
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(cascade_dir), "cascade")
+    exp = client.get_experiment_by_name("batch-test")
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        "batch-test", artifact_location=artifacts.as_uri()
+    )
+    run = client.create_run(exp_id)
+    client.log_artifacts(run.info.run_id, str(cascade_dir), "cascade")
+    client.set_terminated(run.info.run_id)
     if not client.search_registered_models(f"name='{name}'"):
         client.create_registered_model(name)
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/cascade", run_id=run.info.run_id)
-    return str(mv.version)
+    source = f"{run.info.artifact_uri}/cascade"
+    return str(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
 
 
 def test_a_registry_alias_is_pinned_once_even_if_it_moves(ray_local, cascade_dir, tmp_path, monkeypatch):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    v1 = _register(client, "cascade-diffusion", cascade_dir)
-    v2 = _register(client, "cascade-diffusion", make_cascade(tmp_path / "other", 1))
+    client = MlflowClient(uri, registry_uri=uri)
+    store = tmp_path / "artifacts"
+    v1 = _register(client, "cascade-diffusion", cascade_dir, store)
+    v2 = _register(client, "cascade-diffusion", make_cascade(tmp_path / "other", 1), store)
     client.set_registered_model_alias("cascade-diffusion", "champion", v1)
     p = prompts_txt(tmp_path / "p.txt", 8)
     moved = []
@@ -213,14 +212,15 @@ def test_a_registry_alias_is_pinned_once_even_if_it_moves(ray_local, cascade_dir
             moved.append(done)
 
     out = tmp_path / "out"
-    r = run_batch(cfg("models:/cascade-diffusion@champion", [p], out, batch_size=2), progress=move_champion)
+    job = cfg("models:/cascade-diffusion@champion", [p], out, batch_size=2, tracking_uri=uri)
+    r = run_batch(job, progress=move_champion)
     assert moved and r.model["version"] == v1 and r.model["uri"] == f"models:/cascade-diffusion/{v1}"
     rows = manifest(out)
     assert {(x["model_name"], x["model_version"]) for x in rows} == {("cascade-diffusion", v1)}
     run_batch(cfg(cascade_dir, [p], tmp_path / "folder"))
     assert {x["id"]: x["sha256"] for x in rows} == {x["id"]: x["sha256"] for x in manifest(tmp_path / "folder")}
     with pytest.raises(BatchError, match="not found in the registry"):
-        run_batch(cfg("models:/cascade-diffusion@nope", [p], tmp_path / "o"))
+        run_batch(cfg("models:/cascade-diffusion@nope", [p], tmp_path / "o", tracking_uri=uri))
 
 
 @pytest.mark.slow

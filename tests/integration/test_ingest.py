@@ -15,8 +15,9 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from diffusion_core.cli import app
+from diffusion_core.data.format import in_eval_split
 from diffusion_core.data.ingest import IngestConfig, IngestProgress, ingest, verify
-from diffusion_core.data.shapes import faithfulness
+from diffusion_core.evaluation.faithfulness import faithfulness
 from tests import data_fixtures as F
 
 pytestmark = pytest.mark.integration
@@ -214,12 +215,23 @@ def test_cli_shapes_then_ingest(tmp_path, ray_local):
     r = runner.invoke(
         app,
         [*ingest_again, "--resolution", "32", "--shard-size", "12", "--overwrite"]
-        + ["--max-file-bytes", "100000", "--allow-root", str(tmp_path)],
+        + ["--max-file-bytes", "100000", "--allow-root", str(tmp_path)]
+        + ["--eval-fraction", "0.25", "--eval-max", "2"],
     )
     assert r.exit_code == 0, r.output
     replaced = verify(str(tmp_path / "ds"))
     assert replaced["resolution"] == 32 and len(replaced["shards"]) == 2
     assert replaced["validation"]["max_file_bytes"] == 100000
+    # the evaluation split: by the key hash, capped at --eval-max, in its own shards
+    keys = [s["__key__"] for s in samples]
+    held = [k for k in keys if in_eval_split(k, 0.25)][:2]
+    assert len(held) == 2 and "evaluation split" in r.output
+    split = replaced["split"]
+    assert (split["eval_fraction"], split["eval_max"], split["eval"]) == (0.25, 2, 2)
+    assert split["train"] + split["eval"] == replaced["counts"]["accepted"] == 24
+    assert [s["name"] for s in replaced["eval_shards"]] == ["eval-000000.tar"]
+    ev = wds.WebDataset([str(tmp_path / "ds" / "eval-000000.tar")], shardshuffle=False)
+    assert [s["__key__"] for s in ev] == held
     assert not (tmp_path / "ds" / "shard-000002.tar").exists()
 
     r = runner.invoke(app, ["ingest", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "x")])

@@ -61,6 +61,7 @@ def _ingest(raw: Path, out: Path, resolution: int) -> Path:
         shard_size=24,
         text_encoder="hash-test",
         max_tokens=8,
+        eval_fraction=0.0,  # these tests are about training: every sample in the training split
     )
     ingest(cfg, engine="local")
     return out

@@ -257,6 +257,30 @@ def test_a_resume_with_more_steps_follows_the_new_lr_horizon(tmp_path, schedule)
         fresh.step()
 
 
+def test_warm_start_takes_the_stage_weights_of_a_cascade_with_the_same_network(tmp_path):
+    from diffusion_core.cascade import Cascade
+    from diffusion_core.training.loop import warm_start_weights
+
+    preset = load_preset("tiny")
+    torch.manual_seed(5)
+    source = Cascade.from_config(preset.cascade)
+    source.save(tmp_path / "champion")
+    cfg = preset.for_stage("sr1", init_weights=str(tmp_path / "champion"))
+    weights = warm_start_weights(cfg)
+    expected = source["sr1"].network.state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    # another network (wider) cannot warm-start this one: say which fields differ
+    wider = preset.cascade.model_copy(
+        update={"stages": (preset.cascade.stages[0].model_copy(update={"network": preset.cascade.stages[0].network.model_copy(update={"base_channels": 16})}),) + preset.cascade.stages[1:]}
+    )
+    Cascade.from_config(wider).save(tmp_path / "wider")
+    with pytest.raises(ValueError, match="cannot warm-start stage 'base'.*base_channels"):
+        warm_start_weights(preset.for_stage("base", init_weights=str(tmp_path / "wider")))
+    with pytest.raises(ValueError, match="cannot warm-start"):
+        warm_start_weights(preset.for_stage("base", init_weights=str(tmp_path / "nothing")))
+
+
 def test_export_writes_the_longest_loadable_prefix_of_stages(tmp_path):
     from diffusion_core.cascade import Cascade, Stage
 
