@@ -44,3 +44,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
+
+# Local services on 127.0.0.1, state in .services/ (infra/local/services.py, docs/deploy.md):
+# MLflow, a Prefect server and a worker of the `cascade-process` pool. SERVICES_ARGS="--auth"
+# turns on auth, "--ray" adds a Ray head. Then: eval "$(.venv/bin/python infra/local/services.py env)"
+.PHONY: services-up services-down
+SERVICES_ARGS ?=
+
+services-up: $(STAMP)
+	$(BIN)/python infra/local/services.py up $(SERVICES_ARGS)
+
+services-down:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) infra/local/services.py down
