@@ -2,7 +2,8 @@
 MLflow server, a Prefect server and a process worker on `cascade-process`. `prefect deploy --all`
 from this checkout, then `prefect deployment run 'retrain/nightly' --watch` at the tiny preset
 (Completed; the registry holds version 1 as champion and challenger), then the same run again:
-the same dataset, no second version."""
+the same dataset, no second version. (With the deployment's default warm_start=true a second
+run trains a refined version from the champion instead, which the gate then judges.)"""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def test_deploy_all_then_run_the_nightly_retrain_twice(services):
     assert "'active': False" in nightly and "0 3 * * *" in nightly  # shipped inactive
     params = [
         "-p", 'preset="tiny"',
+        "-p", "warm_start=false",  # a warm start would (rightly) train a refined version
         "-p", "sample_count=2",
         "-p", "eval_fraction=0.1",
         "-p", "evaluation=" + json.dumps({"num_samples": 4, "nll_samples": 2, "steps": 4,
