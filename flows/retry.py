@@ -1,7 +1,7 @@
 """The one retry policy of every flow's tasks: retry what a retry can fix, nothing else.
 
-An error is permanent when it says so (``transient = False``, as on
-:class:`~diffusion_core.data.ingest.IngestError` for a bad source and on
+An error is permanent when it says so (``transient = False``, as on a
+:class:`~diffusion_core.errors.JobError` (ingest, batch) for a bad input and on
 :class:`~diffusion_core.training.NonFiniteLossError`) or when it is a ``ValueError`` /
 ``TypeError`` (bad configs, bad data: ``ConfigError`` and ``DataError`` are ``ValueError``s).
 Anything else (I/O, a lost Ray worker, a server that went away) is retried: every task of the

@@ -40,6 +40,7 @@ from diffusion_core.batch.model import ModelError, ResolvedModel, resolve_model
 from diffusion_core.batch.prompts import PromptRow, derive_seed, read_prompt_file
 from diffusion_core.batch.reasons import PromptReason
 from diffusion_core.batch.worker import CascadeSampler, image_path
+from diffusion_core.errors import JobError
 from diffusion_core.storage import AtomicFile, exists, read_json, write_json_atomic
 
 JOB_JSON = "job.json"
@@ -58,14 +59,9 @@ PLAN_SCHEMA = pa.schema(
 )
 
 
-class BatchError(RuntimeError):
-    """The job cannot run (bad prompts files, model, output folder) or failed; says what to do.
-
-    ``transient`` is False for problems a retry cannot fix."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
+class BatchError(JobError):
+    """The job cannot run (bad prompts files, model, output folder) or failed
+    (``transient``: see :class:`~diffusion_core.errors.JobError`)."""
 
 
 @dataclass

@@ -59,6 +59,7 @@ from diffusion_core.data.reasons import Reason
 from diffusion_core.data.safety import DEFAULT_MAX_FILE_BYTES, ReadPolicy
 from diffusion_core.data.sources import SourceError, plan, read_unit
 from diffusion_core.data.tario import DeterministicTarWriter
+from diffusion_core.errors import JobError
 from diffusion_core.ray_env import ensure_ray
 from diffusion_core.storage import PARTIAL_SUFFIX, AtomicFile
 from diffusion_core.text import normalize_caption
@@ -105,16 +106,9 @@ SAMPLE_SCHEMA = pa.schema(
 )
 
 
-class IngestError(Exception):
-    """The run could not complete: a bad source, an unwritable output, a failed job.
-
-    ``transient`` is False for problems a retry cannot fix (a missing or empty source, a bad
-    output folder) and True for a failure of the job itself (I/O, a lost worker).
-    """
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
+class IngestError(JobError):
+    """The ingest could not complete: a bad source, an unwritable output, a failed job
+    (``transient``: see :class:`~diffusion_core.errors.JobError`)."""
 
 
 class IngestConfig(BaseModel):
