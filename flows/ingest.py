@@ -6,6 +6,11 @@ pydantic :class:`~diffusion_core.data.ingest.IngestConfig`, safety options inclu
 failures (a failed run leaves no manifest, so a retry finishes it cleanly), and the summary as a
 markdown artifact. An ``out`` that already holds a dataset is refused (immutable) without retries:
 schedule each run into its own folder, or pass ``overwrite``.
+
+A run that wrote a dataset emits the event ``cascade.dataset.created`` (resource
+``cascade.dataset.<version>``; payload: version, out, counts): ``prefect.yaml`` triggers the
+nightly retrain on it, so new raw data that lands through this flow is trained on without
+waiting for 03:00.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
 
 from diffusion_core.data.ingest import IngestConfig, IngestResult, ingest
+from diffusion_core.storage import redact
 from flows.retry import retry_if_transient
 
 
@@ -69,11 +76,34 @@ def publish_summary(result: dict[str, Any]) -> None:
     )
 
 
+DATASET_CREATED = "cascade.dataset.created"
+
+
+def dataset_event(result: dict[str, Any]) -> dict[str, Any]:
+    """The ``emit_event`` arguments announcing a new dataset version (no credentials: the
+    locations are redacted)."""
+    return {
+        "event": DATASET_CREATED,
+        "resource": {
+            "prefect.resource.id": f"cascade.dataset.{result['dataset_version'][:16]}",
+            "prefect.resource.name": redact(str(result["out"])) or "",
+        },
+        "payload": {
+            "version": result["dataset_version"],
+            "out": redact(str(result["out"])),
+            "accepted": result["accepted"],
+            "rejected": result["rejected"],
+            "eval": result.get("eval", 0),
+        },
+    }
+
+
 @flow(name="ingest", log_prints=True)
 def ingest_flow(params: IngestConfig) -> dict[str, Any]:
     """Ingest raw data into webdataset shards; returns the run's counts and dataset version."""
     result = run_ingest(params)
     publish_summary(result)
+    emit_event(**dataset_event(result))
     return result
 
 

@@ -20,7 +20,8 @@ and would not notice a folder deleted by hand):
 
 Workdir layout: ``datasets/``, ``runs/`` (Ray runs, ``mlflow.db``), ``cascades/<key>/``,
 ``models/`` (the champion for warm starts), ``prompts/``, ``samples/<name>-v<version>/``,
-``reports/``.
+``reports/``, ``logs/ray.log`` (Ray's driver-side messages, unless ``CASCADE_RAY_LOG`` says
+elsewhere).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffusion_core.evaluation.report import EvalSettings
+from diffusion_core.ray_env import RAY_LOG_ENV
 from diffusion_core.storage import absolute, redact
 from flows.retry import retry_if_transient
 from flows.train import TrainStageParams, train_stage_task
@@ -65,6 +67,11 @@ class RetrainParams(BaseModel):
     )
     warm_start: bool = Field(
         False, description="Start each stage from the champion's weights when its network matches."
+    )
+    retrain_unchanged: bool = Field(
+        False,
+        description="With warm_start: train again even when the champion was trained on this very "
+        "dataset version (by default such a run does nothing: no new data, nothing to learn).",
     )
     promote: bool = Field(True, description="Move champion when the gate passes.")
     evaluation: EvalSettings = Field(
@@ -125,6 +132,14 @@ def dataset_task(params: RetrainParams, resolution: int, text_encoder: str) -> d
         result.dataset_version[:12],
     )  # fmt: skip
     return {"path": str(out), "version": result.dataset_version, "reused": False}
+
+
+@task
+def champion_task(params: RetrainParams) -> dict[str, Any] | None:
+    """The champion's version, training dataset version and metrics (None: no champion)."""
+    from diffusion_core.registry import champion_lineage
+
+    return champion_lineage(params.model_name, _tracking_uri(params.workdir))
 
 
 @task
@@ -267,6 +282,7 @@ def retrain_flow(
     model_name: str = "cascade-diffusion",
     prompts: str | None = None,
     warm_start: bool = False,
+    retrain_unchanged: bool = False,
     promote: bool = True,
     evaluation: EvalSettings | None = None,
     sample_count: int = 16,
@@ -282,6 +298,7 @@ def retrain_flow(
         model_name=model_name,
         prompts=prompts,
         warm_start=warm_start,
+        retrain_unchanged=retrain_unchanged,
         promote=promote,
         sample_count=sample_count,
         eval_fraction=eval_fraction,
@@ -297,6 +314,10 @@ def run_retrain(params: RetrainParams) -> RetrainSummary:
 
     params = params.model_copy(update={"workdir": absolute(params.workdir)})
     preset = load_preset(params.preset)
+    # Ray's and MLflow's own chatter stays out of the run's log: Ray's driver-side lines go to a
+    # file (ensure_ray prints where), MLflow's download bars are off
+    os.environ.setdefault(RAY_LOG_ENV, str(Path(params.workdir) / "logs" / "ray.log"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     seconds: dict[str, float] = {}
 
     def step(name: str, t0: float) -> None:
@@ -309,6 +330,11 @@ def run_retrain(params: RetrainParams) -> RetrainSummary:
         params, preset.cascade.stages[-1].resolution, preset.cascade.text_encoder or "all-MiniLM-L6-v2"
     )
     step("ingest", t)
+
+    if params.warm_start and dataset["reused"] and not params.retrain_unchanged:
+        champion = champion_task(params)
+        if champion is not None and champion["dataset_version"] == dataset["version"]:
+            return _unchanged(params, dataset, champion, seconds)
 
     t = time.perf_counter()
     init = warm_start_task(params) if params.warm_start else None
@@ -375,6 +401,38 @@ def run_retrain(params: RetrainParams) -> RetrainSummary:
         reason=registration["reason"],
         metrics=report["metrics"],
         samples=samples["out"],
+        report=str(report_path),
+    )
+
+
+def _unchanged(
+    params: RetrainParams, dataset: dict[str, Any], champion: dict[str, Any], seconds: dict[str, float]
+) -> RetrainSummary:
+    """A warm-started run on the dataset the champion was trained on: nothing new to learn, so
+    nothing is trained or registered (``retrain_unchanged=true`` trains a refinement anyway)."""
+    reason = (
+        f"no new data: the champion (version {champion['version']}) was trained on dataset "
+        f"{dataset['version'][:16]}; nothing trained (retrain_unchanged=true trains anyway)"
+    )
+    print(f"retrain: {reason}", flush=True)
+    markdown = (
+        f"# Retraining of `{params.model_name}`: nothing to do\n\n{reason}.\n\n"
+        f"Dataset `{dataset['path']}`; ingest {seconds.get('ingest', 0.0):.0f} s.\n"
+    )
+    reports = Path(params.workdir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    report_path = reports / f"retrain-{params.model_name}-unchanged-{dataset['version'][:12]}.md"
+    report_path.write_text(markdown)
+    create_markdown_artifact(markdown=markdown, key="retrain-report", description="retraining")
+    return RetrainSummary(
+        dataset_version=dataset["version"],
+        dataset=dataset["path"],
+        model_name=params.model_name,
+        model_version=champion["version"],
+        promoted=False,
+        reason=reason,
+        metrics=champion["metrics"],
+        samples=str(Path(params.workdir) / "samples" / f"{params.model_name}-v{champion['version']}"),
         report=str(report_path),
     )
 

@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -320,8 +321,6 @@ def _model_id(mv: Any) -> str | None:
 
 def _dataset(data: DatasetInfo) -> Any:
     """The dataset as an MLflow dataset: metadata only (its location, name and version)."""
-    import warnings
-
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
@@ -531,7 +530,6 @@ def _new_version(
     """Log the model (or reuse a READY one of this content) and register a version of it."""
     import mlflow
 
-    from diffusion_core.registry import model as pyfunc_model
 
     exp_id = _experiment_id(client, experiment, tracking_uri)
     dataset = _dataset(data)
@@ -564,24 +562,12 @@ def _new_version(
                     (Path(tmp) / REPORT_FILE).write_text(report.model_dump_json(indent=2))
                     size = sum(p.stat().st_size for p in files.rglob("*") if p.is_file())
                     say("log", f"logging the model ({size / 2**20:.1f} MiB of cascade files)")
-                    info = mlflow.pyfunc.log_model(
-                        name=MODEL_NAME,
-                        python_model=pyfunc_model.__file__,
-                        artifacts={
-                            pyfunc_model.CASCADE_ARTIFACT: str(files),
-                            "eval_report": str(Path(tmp) / REPORT_FILE),
-                        },
-                        signature=pyfunc_model.signature(),
-                        pip_requirements=pyfunc_model.pip_requirements(config.text_encoder),
-                        model_config=dict(pyfunc_model.DEFAULT_CONFIG),
-                        metadata={
-                            HASH_TAG: digest,
-                            "resolution": config.stages[-1].resolution,
-                            "stages": [s.name for s in config.stages],
-                            "text_encoder": config.text_encoder,
-                        },
-                        tags={HASH_TAG: digest, "dataset_version": data.version},
-                    )
+                    with warnings.catch_warnings():
+                        # the signature is explicit (the diffusers convention); MLflow still
+                        # suggests type hints and an input example on every log
+                        warnings.filterwarnings("ignore", message=".*type hints.*")
+                        warnings.filterwarnings("ignore", message=".*input example.*")
+                        info = _log_pyfunc(config, files, Path(tmp) / REPORT_FILE, digest, data)
                 model_id = info.model_id
                 mlflow.log_metrics(report.metrics, model_id=model_id, dataset=dataset)
             say("logged", f"model {model_id} is uploaded")
@@ -810,3 +796,45 @@ def promote(
             else f"{reason.strip()} (by {by}; there was no champion)",
             status="promoted",
         )
+
+
+def _log_pyfunc(config: CascadeConfig, files: Path, report_file: Path, digest: str, data: DatasetInfo):
+    """``mlflow.pyfunc.log_model`` of the staged cascade folder (models from code: no pickle)."""
+    import mlflow
+
+    from diffusion_core.registry import model as pyfunc_model
+
+    return mlflow.pyfunc.log_model(
+        name=MODEL_NAME,
+        python_model=pyfunc_model.__file__,
+        artifacts={pyfunc_model.CASCADE_ARTIFACT: str(files), "eval_report": str(report_file)},
+        signature=pyfunc_model.signature(),
+        pip_requirements=pyfunc_model.pip_requirements(config.text_encoder),
+        model_config=dict(pyfunc_model.DEFAULT_CONFIG),
+        metadata={
+            HASH_TAG: digest,
+            "resolution": config.stages[-1].resolution,
+            "stages": [s.name for s in config.stages],
+            "text_encoder": config.text_encoder,
+        },
+        tags={HASH_TAG: digest, "dataset_version": data.version},
+    )
+
+
+def champion_lineage(name: str, tracking_uri: str) -> dict[str, Any] | None:
+    """The champion's version, the dataset version it was trained on and its metrics (from its
+    lineage tags); None when the model or its champion does not exist."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    with _mlflow_at(tracking_uri) as clean:
+        client = MlflowClient(clean)
+        try:
+            version = client.get_registered_model(name).aliases.get(CHAMPION)
+            if version is None:
+                return None
+            tags = client.get_model_version(name, str(version)).tags
+        except MlflowException:  # no such model yet
+            return None
+    metrics = {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
+    return {"version": str(version), "dataset_version": tags.get("dataset_version"), "metrics": metrics}

@@ -1,5 +1,6 @@
 """The retrain flow on Prefect's ephemeral API at the tiny preset: the whole pipeline once, then
-again with the same data (nothing recomputed, no duplicate version), then warm-started."""
+again with the same data (nothing recomputed, no duplicate version), then warm-started: on the
+champion's own dataset that does nothing unless ``retrain_unchanged`` asks for a refinement."""
 
 from __future__ import annotations
 
@@ -79,10 +80,17 @@ def test_a_warm_start_trains_from_the_champion(ray_local, env):
     with prefect_test_harness():
         if not (env / "work" / "runs" / "mlflow.db").exists():
             retrain_flow(**params(env))
-        warm = retrain_flow(**params(env, warm_start=True, overrides={"*": {"steps": 4}}))
+        client = MlflowClient(f"sqlite:///{env / 'work' / 'runs' / 'mlflow.db'}")
+        exp = client.get_experiment_by_name("cascade-train").experiment_id
+        runs_before = len(client.search_runs([exp]))
+        # the champion was trained on this very dataset: a warm start has nothing new to learn
+        idle = retrain_flow(**params(env, warm_start=True, overrides={"*": {"steps": 4}}))
+        assert idle.model_version == "1" and not idle.promoted and "no new data" in idle.reason
+        assert len(client.search_runs([exp])) == runs_before, "nothing trained"
+        warm = retrain_flow(
+            **params(env, warm_start=True, retrain_unchanged=True, overrides={"*": {"steps": 4}})
+        )
     assert warm.model_version == "2"
-    client = MlflowClient(f"sqlite:///{env / 'work' / 'runs' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("cascade-train").experiment_id
     warm_runs = [r for r in client.search_runs([exp]) if r.data.params.get("steps") == "4"]
     assert len(warm_runs) == 2
     assert all("models" in r.data.params["init_weights"] for r in warm_runs)

@@ -32,3 +32,54 @@ def test_deployments_point_at_real_flows_with_their_parameters():
     assert schedule == {"cron": "0 3 * * *", "timezone": "UTC", "active": False}
     assert nightly["concurrency_limit"]["limit"] == 1
     assert spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+
+
+def _nightly() -> dict:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    return next(d for d in spec["deployments"] if d["name"] == "nightly")
+
+
+def test_a_new_dataset_event_from_the_ingest_flow_triggers_the_nightly_retrain():
+    from datetime import UTC, datetime
+    from uuid import uuid4
+
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.server.events.schemas.automations import EventTrigger
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    from flows.ingest import dataset_event
+
+    (spec,) = _nightly()["triggers"]
+    declared = DeploymentEventTrigger.model_validate(spec)  # what `prefect deploy` reads
+    assert declared.enabled
+    fields = {"match", "match_related", "after", "expect", "for_each", "posture", "threshold",
+              "within"}  # fmt: skip
+    trigger = EventTrigger.model_validate(declared.model_dump(mode="json", include=fields))
+    result = {"dataset_version": "ab" * 32, "out": "s3://bucket/data?token=SECRET", "accepted": 9,
+              "rejected": 1, "eval": 2}  # fmt: skip
+    args = dataset_event(result)
+    assert "SECRET" not in repr(args), "no credential in the event"
+
+    def received(event: str, resource_id: str) -> ReceivedEvent:
+        return ReceivedEvent(
+            occurred=datetime.now(UTC), event=event, resource={"prefect.resource.id": resource_id},
+            payload={}, id=uuid4(),
+        )  # fmt: skip
+
+    assert trigger.covers(received(args["event"], args["resource"]["prefect.resource.id"]))
+    assert not trigger.covers(received("cascade.dataset.deleted", "cascade.dataset.abab"))
+    assert not trigger.covers(received(args["event"], "prefect.flow-run.1234"))
+
+
+def test_the_zombie_automation_outlasts_the_deployments_heartbeat():
+    """A run is marked Crashed only after missing more than one heartbeat."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    automations = yaml.safe_load((ROOT / "infra/prefect/automations.yaml").read_text())
+    (zombie,) = [AutomationCore.model_validate(a) for a in automations["automations"]]
+    assert zombie.trigger.posture == "Proactive"
+    assert zombie.actions[0].type == "change-flow-run-state" and zombie.actions[0].state == "CRASHED"
+    for d in spec["deployments"]:
+        beat = int(d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+        assert 30 <= beat and 2 * beat <= zombie.trigger.within.total_seconds(), d["name"]
