@@ -1,13 +1,21 @@
-"""Paths, URIs and small files: one helper for each, shared by every job.
+"""Paths, URIs and small files: the one filesystem layer of every job.
 
+- :func:`filesystem`: THE place that turns a path or URI into ``(fsspec filesystem, path)``;
+  :func:`pyarrow_filesystem` the same for pyarrow (what Ray Train's ``RunConfig`` takes). An
+  ``s3://`` URI gets its endpoint and credentials from the standard environment variables
+  (:data:`S3_ENV`), the ones boto3, s3fs, pyarrow and MLflow read, so one set of variables
+  configures every client.
 - :func:`absolute`: a URI stays as it is, a local path becomes absolute (what Ray and a cluster
   need: the same string must mean the same place everywhere).
 - :class:`AtomicFile` / :func:`write_bytes_atomic` / :func:`write_json_atomic`: the one
-  "write then rename" of the project (shards, manifests, run records, exports). A local write
+  "write then publish" of the project (shards, manifests, run records, exports). A local write
   goes to a hidden ``.<name>.partial`` beside the target, is fsynced and renamed into place, so a
   reader sees the old file or the new one, never half of one (a killed writer leaves only the
-  ``.partial``); on an object store a single PUT becomes visible at once.
-- :func:`read_json` / :func:`exists`: on a local disk or an fsspec filesystem.
+  ``.partial``). On an object store the bytes are spooled to a local temporary file and sent in
+  one upload on commit: an object appears whole (a single PUT, or a multipart upload, which is
+  only visible once completed) or not at all, and nothing ``.partial`` is ever visible there.
+- :func:`exists`, :func:`read_bytes`, :func:`read_json`, :func:`listdir`, :func:`remove`,
+  :func:`append_bytes`, :func:`download`, :func:`upload_dir`: on a local disk or an object store.
 - :func:`redact`: a URI fit for logs, params, tags and job metadata (no password, no token).
 """
 
@@ -16,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -24,9 +34,23 @@ import fsspec
 
 _SECRET_QUERY = re.compile(r"(pass|secret|token|key|signature|credential|auth)", re.I)
 
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "access key (boto3, s3fs, pyarrow, MLflow)",
+    "AWS_SECRET_ACCESS_KEY": "secret key",
+    "AWS_SESSION_TOKEN": "temporary credentials' token (optional)",
+    "AWS_ENDPOINT_URL_S3": "an S3-compatible endpoint, e.g. http://minio:9000 (botocore's name); "
+    "AWS_ENDPOINT_URL and MLflow's MLFLOW_S3_ENDPOINT_URL are read if it is unset",
+    "AWS_DEFAULT_REGION": "region (AWS_REGION also read; us-east-1 if neither)",
+}
+"""The variables that configure object storage, for every client of the project (docs/deploy.md,
+"Object storage")."""
+
+_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 
 def is_uri(path: str | os.PathLike[str]) -> bool:
-    return "://" in str(path)
+    return "://" in str(path) and not str(path).startswith("file://")
 
 
 def absolute(path: str | os.PathLike[str]) -> str:
@@ -39,18 +63,147 @@ def absolute(path: str | os.PathLike[str]) -> str:
 
 def join(base: str, *names: str) -> str:
     """``base/name/...`` for a local path or a URI (no normalisation of the base)."""
-    return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)])
+    return "/".join([str(base).rstrip("/"), *(n.strip("/") for n in names)])
 
 
-def exists(uri: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri)
+# -- filesystems -----------------------------------------------------------------------------
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment (None: AWS itself)."""
+    return next((os.environ[v] for v in _ENDPOINT_VARS if os.environ.get(v)), None)
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec options for ``uri``: for ``s3://``, the endpoint, region and credentials of the
+    environment (given explicitly, so a cached filesystem never outlives changed credentials)
+    and no listing cache (other processes write the same prefixes: a run's workers, the driver)."""
+    if not str(uri).startswith(("s3://", "s3a://")):
+        return {}
+    opts: dict[str, Any] = {
+        "use_listings_cache": False,
+        "client_kwargs": {"region_name": s3_region()},
+    }
+    if endpoint := s3_endpoint():
+        opts["endpoint_url"] = endpoint
+    key, secret, token = (os.environ.get(v) for v in _CREDENTIAL_VARS)
+    if key and secret:
+        opts.update(key=key, secret=secret)
+        if token:
+            opts["token"] = token
+    return opts
+
+
+def filesystem(uri: str | os.PathLike[str]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path on it)`` for a local path or a URI (see the module docstring)."""
+    text = str(uri)
+    if not is_uri(text):  # absolute, symlinks kept (the readers check them themselves)
+        local = os.path.expanduser(text.removeprefix("file://"))
+        return fsspec.filesystem("file"), os.path.abspath(local)
+    try:
+        return fsspec.core.url_to_fs(text, **storage_options(text))
+    except ImportError as e:
+        raise ValueError(f"no filesystem for {redact(text)!r}: {e}") from e
+
+
+def pyarrow_filesystem(uri: str | os.PathLike[str]) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path on it)``: what Ray Train's ``RunConfig(storage_path=path,
+    storage_filesystem=fs)`` takes. ``s3://`` gets the native S3 filesystem with the settings of
+    :func:`storage_options` (the credentials travel inside the filesystem object, so Ray's
+    controller can write the run without the variables in its own environment); any other URI
+    is fsspec's, wrapped."""
+    import pyarrow.fs as pafs
+
+    text = str(uri)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), absolute(text)
+    if text.startswith(("s3://", "s3a://")):
+        key, secret, token = (os.environ.get(v) for v in _CREDENTIAL_VARS)
+        kwargs: dict[str, Any] = {"region": s3_region()}
+        if key and secret:
+            kwargs.update(access_key=key, secret_key=secret, session_token=token)
+        if endpoint := s3_endpoint():
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = urlsplit(endpoint).scheme or "https"
+        return pafs.S3FileSystem(**kwargs), text.split("://", 1)[1].rstrip("/")
+    fs, path = filesystem(text)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def storage_env() -> dict[str, str]:
+    """The object-storage variables set in this process (:data:`S3_ENV` and the alternative
+    endpoint names): what another process of the same job needs, in its environment only."""
+    names = (*S3_ENV, *_ENDPOINT_VARS, "AWS_REGION")
+    return {n: os.environ[n] for n in dict.fromkeys(names) if os.environ.get(n)}
+
+
+def exists(uri: str | os.PathLike[str]) -> bool:
+    fs, path = filesystem(uri)
     return fs.exists(path)
 
 
-def read_json(uri: str) -> Any:
-    with fsspec.open(uri, "r", encoding="utf-8") as f:
-        return json.load(f)
+def read_bytes(uri: str | os.PathLike[str]) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
 
+
+def read_json(uri: str | os.PathLike[str]) -> Any:
+    return json.loads(read_bytes(uri).decode("utf-8"))
+
+
+def open_file(uri: str | os.PathLike[str], mode: str = "rb") -> Any:
+    """An open file (read modes; writes go through :class:`AtomicFile`)."""
+    fs, path = filesystem(uri)
+    return fs.open(path, mode)
+
+
+def listdir(uri: str | os.PathLike[str]) -> list[str]:
+    """Names directly under a folder or prefix (empty if there is none)."""
+    fs, path = filesystem(uri)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
+
+
+def remove(uri: str | os.PathLike[str], *, missing_ok: bool = True) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def size(uri: str | os.PathLike[str]) -> int:
+    fs, path = filesystem(uri)
+    return int(fs.size(path))
+
+
+def download(uri: str, local: str | os.PathLike[str]) -> Path:
+    """A copy of the folder (or file) ``uri`` at ``local``; a local ``uri`` is copied too."""
+    fs, path = filesystem(uri)
+    fs.get(path.rstrip("/") + ("/" if fs.isdir(path) else ""), str(local), recursive=True)
+    return Path(local)
+
+
+def upload_dir(local: str | os.PathLike[str], uri: str, *, last: tuple[str, ...] = ()) -> None:
+    """Every file under ``local`` to the same relative names under ``uri``, each atomically;
+    the relative names in ``last`` go after all the others (a marker such as a manifest, whose
+    presence says the rest is complete)."""
+    root = Path(local)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    for rel in [f for f in files if f not in last] + [f for f in last if f in files]:
+        with open(root / rel, "rb") as src, AtomicFile(join(uri, rel)) as dst:
+            shutil.copyfileobj(src, dst)
+
+
+# -- atomic writes ---------------------------------------------------------------------------
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -76,21 +229,39 @@ def _fsync_dir(path: str) -> None:
 
 
 class AtomicFile:
-    """A binary file that appears at ``path`` only on :meth:`commit`; :meth:`abort` removes it.
-
-    As a context manager it commits on success and aborts on an exception.
+    """A binary file that appears at ``path`` (local or a URI) only on :meth:`commit`;
+    :meth:`abort` drops it. As a context manager it commits on success and aborts on an
+    exception. Locally the bytes go to ``.<name>.partial`` beside the target; for a URI, to a
+    local temporary file that one upload publishes (see the module docstring).
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = os.fspath(path)
-        self.tmp_path = partial_path(self.path)
-        self.file: BinaryIO = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path).removeprefix("file://")
+        self.remote = is_uri(self.path)
+        if self.remote:
+            self.tmp_path = None
+            self.file: BinaryIO = tempfile.TemporaryFile(prefix="cascade-upload-")
+        else:
+            self.tmp_path = partial_path(self.path)
+            self.file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in commit/abort
 
     def write(self, data: bytes) -> int:
         return self.file.write(data)
 
+    def tell(self) -> int:
+        return self.file.tell()
+
     def commit(self) -> None:
         self.file.flush()
+        if self.remote:
+            try:
+                fs, path = filesystem(self.path)
+                self.file.seek(0)
+                with fs.open(path, "wb") as out:  # one upload, published when closed
+                    shutil.copyfileobj(self.file, out, 8 << 20)
+            finally:
+                self.file.close()
+            return
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp_path, self.path)
@@ -98,7 +269,7 @@ class AtomicFile:
 
     def abort(self) -> None:
         self.file.close()
-        if os.path.exists(self.tmp_path):
+        if self.tmp_path is not None and os.path.exists(self.tmp_path):
             os.remove(self.tmp_path)
 
     def __enter__(self) -> AtomicFile:
@@ -111,23 +282,35 @@ class AtomicFile:
             self.abort()
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
+def makedirs(uri: str | os.PathLike[str]) -> None:
+    """A local folder (and its parents); nothing for an object store, which has no folders."""
+    if not is_uri(uri):
+        os.makedirs(absolute(uri), exist_ok=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    if not is_uri(path):
+        makedirs(os.path.dirname(absolute(path)))
     with AtomicFile(path) as f:
         f.write(data)
 
 
 def write_json_atomic(uri: str | os.PathLike[str], data: Any) -> None:
     """``data`` as indented, key-sorted JSON (stable bytes for the same object), atomically, on a
-    local path or an fsspec URI (see the module docstring)."""
-    raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    target = str(uri).removeprefix("file://")
-    if not is_uri(target):
-        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-        write_bytes_atomic(target, raw)
+    local path or a URI (see the module docstring)."""
+    write_bytes_atomic(uri, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def append_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
+    """Append to a file. An object store cannot append: the object is read and rewritten whole
+    (atomically), so one writer at a time (e.g. rank 0's ``attempts.jsonl``)."""
+    if not is_uri(uri):
+        makedirs(os.path.dirname(absolute(uri)))
+        with open(absolute(uri), "ab") as f:
+            f.write(data)
         return
-    fs, path = fsspec.core.url_to_fs(target)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, raw)
+    old = read_bytes(uri) if exists(uri) else b""
+    write_bytes_atomic(uri, old + data)
 
 
 def redact(uri: str | None) -> str | None:

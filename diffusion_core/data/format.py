@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tarfile
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-
 from diffusion_core.data.tario import HashingReader, split_member_name
-from diffusion_core.storage import join, write_json_atomic
+from diffusion_core.storage import filesystem, join, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -109,7 +106,7 @@ def build_manifest(
 
 def write_manifest(out: str, manifest: dict[str, Any]) -> str:
     """Write ``out/manifest.json`` atomically (the last file of a dataset); return its path."""
-    path = os.path.join(out, MANIFEST)
+    path = join(out, MANIFEST)
     write_json_atomic(path, manifest)
     return path
 
@@ -186,7 +183,7 @@ class DatasetInfo:
 def load_manifest(path: str) -> dict[str, Any]:
     """The raw ``<path>/manifest.json`` (local path or fsspec URL), or :class:`DataError`."""
     path = str(path)
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = filesystem(path)
     if not fs.exists(root):
         raise DataError(
             f"data folder {path!r} does not exist; run `cascade ingest SOURCE --out {path}` first"
@@ -304,7 +301,7 @@ def _hash_and_count(fs: Any, path: str) -> tuple[str, int | None]:
 def verify_shards(info: DatasetInfo) -> None:
     """Check every shard of both splits against the manifest (size, sha256, sample count);
     raise :class:`DataError` naming the first shard that differs. Reads every shard once."""
-    fs, root = fsspec.core.url_to_fs(info.path)
+    fs, root = filesystem(info.path)
     entries = []
     for shards, shas, sizes in (
         (info.shards, info.shard_sha256, info.shard_bytes),

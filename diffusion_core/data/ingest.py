@@ -24,7 +24,6 @@ gives byte-identical shards, whatever the parallelism, and the same dataset vers
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -61,7 +60,19 @@ from diffusion_core.data.sources import SourceError, plan, read_unit
 from diffusion_core.data.tario import DeterministicTarWriter
 from diffusion_core.errors import JobError
 from diffusion_core.ray_env import ensure_ray
-from diffusion_core.storage import PARTIAL_SUFFIX, AtomicFile
+from diffusion_core.storage import (
+    PARTIAL_SUFFIX,
+    AtomicFile,
+    exists,
+    filesystem,
+    is_uri,
+    join,
+    listdir,
+    makedirs,
+    remove,
+    size,
+    storage_env,
+)
 from diffusion_core.text import normalize_caption
 
 ROWS_PER_BLOCK = 64
@@ -164,14 +175,13 @@ class IngestConfig(BaseModel):
 
     @field_validator("out")
     @classmethod
-    def _local_out(cls, v: str) -> str:
-        if v.startswith("file://"):
-            v = v.removeprefix("file://")
-        if "://" in v:
+    def _out(cls, v: str) -> str:
+        v = v.removeprefix("file://")
+        if is_uri(v) and not v.startswith(("s3://", "s3a://")):
             raise ValueError(
-                f"out={v!r}: shards are written to a local or mounted folder, not a URL"
+                f"out={v!r}: shards are written to a local or mounted folder or an s3:// prefix"
             )
-        return v
+        return v.rstrip("/") if is_uri(v) else v
 
     @field_validator("allow_roots")
     @classmethod
@@ -359,8 +369,7 @@ def refuse_existing_dataset(cfg: IngestConfig) -> None:
     guess (file sizes and mtimes, config) would silently keep a stale dataset after a code or
     data change. A nightly job ingests into a new folder (or passes ``overwrite``).
     """
-    path = os.path.join(cfg.out, MANIFEST)
-    if cfg.overwrite or not os.path.lexists(path):
+    if cfg.overwrite or not _present(join(cfg.out, MANIFEST)):
         return
     try:
         version = str(load_manifest(cfg.out).get("dataset_version"))
@@ -375,6 +384,11 @@ def refuse_existing_dataset(cfg: IngestConfig) -> None:
     )
 
 
+def _present(path: str) -> bool:
+    # locally, a dangling symlink counts too (it would be replaced, not followed)
+    return exists(path) if is_uri(path) else os.path.lexists(path)
+
+
 class _SplitShards:
     """The shards of one split: the next ``shard_size`` samples go into the next shard."""
 
@@ -387,7 +401,7 @@ class _SplitShards:
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         if self._shard is None:
             name = self.pattern % len(self.shards)
-            self._shard = DeterministicTarWriter(os.path.join(self.out, name))
+            self._shard = DeterministicTarWriter(join(self.out, name))
         self._shard.add_sample(key, members)
         self.samples += 1
         if self._shard.count >= self.shard_size:
@@ -400,10 +414,10 @@ class _SplitShards:
         sha = w.close()
         self.shards.append(
             {
-                "name": os.path.basename(w.path),
+                "name": w.path.rsplit("/", 1)[-1],
                 "samples": w.count,
                 "sha256": sha,
-                "bytes": os.path.getsize(w.path),
+                "bytes": size(w.path),
             }
         )
 
@@ -429,7 +443,7 @@ class DatasetWriter:
     def __init__(self, cfg: IngestConfig) -> None:
         self.cfg = cfg
         self.out = cfg.out
-        os.makedirs(self.out, exist_ok=True)
+        makedirs(self.out)
         self._clean_start()
         self.progress = IngestProgress()
         self.by_reason: Counter[str] = Counter()
@@ -437,7 +451,7 @@ class DatasetWriter:
         self.train = _SplitShards(self.out, SHARD_PATTERN, cfg.shard_size)
         self.eval = _SplitShards(self.out, EVAL_SHARD_PATTERN, cfg.shard_size)
         self.encoder_id: str | None = None
-        self._rej = AtomicFile(os.path.join(self.out, REJECTED))
+        self._rej = AtomicFile(join(self.out, REJECTED))
         self._rej_hash = hashlib.sha256()
 
     @property
@@ -447,11 +461,12 @@ class DatasetWriter:
 
     def _clean_start(self) -> None:
         refuse_existing_dataset(self.cfg)  # again: another run may have finished meanwhile
-        manifest = os.path.join(self.out, MANIFEST)
-        if os.path.lexists(manifest):
-            os.remove(manifest)
-        for p in glob.glob(os.path.join(glob.escape(self.out), f".*{PARTIAL_SUFFIX}")):
-            os.remove(p)
+        manifest = join(self.out, MANIFEST)
+        if _present(manifest):
+            remove(manifest)
+        for name in listdir(self.out):  # (an object store never holds a partial object)
+            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                remove(join(self.out, name))
 
     def _reject(self, source: str, reason: str, detail: str) -> None:
         line = json.dumps(
@@ -513,11 +528,11 @@ class DatasetWriter:
         self.progress.eval_shards = len(self.eval.shards)
         self._rej.commit()
         # shards left by an earlier run that produced more of them
-        for p in os.listdir(self.out):
+        for p in listdir(self.out):
             for pattern, split in ((SHARD_RE, self.train), (EVAL_SHARD_RE, self.eval)):
                 m = pattern.match(p)
                 if m and int(m.group(1)) >= len(split.shards):
-                    os.remove(os.path.join(self.out, p))
+                    remove(join(self.out, p))
         return self._write_manifest()
 
     def _write_manifest(self) -> dict[str, Any]:
@@ -566,11 +581,11 @@ class DatasetWriter:
 
 
 def _check_out(cfg: IngestConfig) -> None:
-    out = os.path.realpath(cfg.out)
+    out = cfg.out if is_uri(cfg.out) else os.path.realpath(cfg.out)
     for s in cfg.sources:
-        if "://" in s and not s.startswith("file://"):
+        if is_uri(s) != is_uri(out):
             continue
-        src = os.path.realpath(s.removeprefix("file://"))
+        src = s.rstrip("/") if is_uri(s) else os.path.realpath(s.removeprefix("file://"))
         if out == src or out.startswith(src.rstrip("/") + "/"):
             raise IngestError(
                 f"--out {cfg.out!r} is inside the source {s!r}: a re-run would read its own "
@@ -584,6 +599,15 @@ def _iter_local(units: list[dict[str, Any]], cfg: IngestConfig, single_thread: b
         unit_table = pa.table({"unit": [json.dumps(u, sort_keys=True)]})
         for processed in read_process_stage(unit_table, cfg.resolution, cfg.limits, cfg.policy):
             yield embed(processed)
+
+
+def _remote_source_env(cfg: IngestConfig) -> dict[str, Any]:
+    """Read tasks of object-store sources get this process's endpoint and credentials in their
+    environment (a Ray started before they were set would not have them)."""
+    env = storage_env()
+    if not env or not any(is_uri(s) for s in cfg.sources):
+        return {}
+    return {"runtime_env": {"env_vars": env}}
 
 
 def _iter_ray(units: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[pa.Table]:
@@ -607,6 +631,7 @@ def _iter_ray(units: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[pa.Tab
             batch_format="pyarrow",
             num_cpus=cfg.reader_cpus,
             fn_kwargs={"resolution": cfg.resolution, "limits": cfg.limits, "policy": cfg.policy},
+            **_remote_source_env(cfg),
         )
         # A unit (say a 10k-sample tar) comes out as one big block; slice it, streaming, so that
         # every encoder actor gets work and memory stays bounded.
@@ -671,7 +696,7 @@ def ingest(
     counts = manifest["counts"]
     return IngestResult(
         out=cfg.out,
-        manifest_path=os.path.join(cfg.out, MANIFEST),
+        manifest_path=join(cfg.out, MANIFEST),
         dataset_version=manifest["dataset_version"],
         read=counts["read"],
         accepted=counts["accepted"],
@@ -709,13 +734,11 @@ def input_fingerprint(cfg: IngestConfig) -> str:
     changed (``flows/retrain.py``). The dataset version itself (a hash of the output) can only be
     known by ingesting.
     """
-    import fsspec
-
     h = hashlib.sha256()
     options = cfg.model_dump(mode="json", exclude=_NOT_CONTENT | {"sources"})
     h.update(json.dumps(options, sort_keys=True).encode())
     for src in cfg.sources:
-        fs, root = fsspec.core.url_to_fs(src)
+        fs, root = filesystem(src)
         if not fs.exists(root):
             raise IngestError(f"source {src!r} does not exist")
         files = sorted(fs.find(root)) if fs.isdir(root) else [root]

@@ -22,10 +22,9 @@ import stat
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import fsspec
-
 from diffusion_core.data.images import Rejected
 from diffusion_core.data.reasons import Reason
+from diffusion_core.storage import filesystem, open_file
 
 DEFAULT_MAX_FILE_BYTES = 64 * 2**20
 
@@ -136,7 +135,7 @@ def _open_below(root: str, rel: str) -> tuple[int, int]:
 def open_stream(loc: Location) -> BinaryIO:
     """A binary file object for streaming (tars, manifests): no size cap, no symlink followed."""
     if "url" in loc:
-        return fsspec.open(loc["url"], "rb").open()
+        return open_file(loc["url"])
     fd, _ = _open_below(loc["root"], loc["rel"])
     return os.fdopen(fd, "rb")
 
@@ -144,7 +143,7 @@ def open_stream(loc: Location) -> BinaryIO:
 def read_file(loc: Location, max_bytes: int) -> bytes:
     """The whole file, refused (``file_too_large``) before reading when it is over ``max_bytes``."""
     if "url" in loc:
-        fs, path = fsspec.core.url_to_fs(loc["url"])
+        fs, path = filesystem(loc["url"])
         size = fs.size(path)  # None when the server does not say: the bounded read below decides
         if size is not None and size > max_bytes:
             raise Rejected(Reason.FILE_TOO_LARGE, too_large(size, max_bytes))

@@ -22,8 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-
 from diffusion_core.data.images import IMAGE_EXTENSIONS, Rejected
 from diffusion_core.data.reasons import Reason
 from diffusion_core.data.safety import (
@@ -37,6 +35,7 @@ from diffusion_core.data.safety import (
     walk_local,
 )
 from diffusion_core.data.tario import iter_tar, split_member_name
+from diffusion_core.storage import filesystem
 
 MANIFEST_EXTENSIONS = ("parquet", "jsonl", "csv")
 PATH_COLUMNS = ("path", "image_path", "image", "file", "url")
@@ -115,7 +114,7 @@ class _Source:
 
     def __init__(self, src: str) -> None:
         try:
-            self.fs, root = fsspec.core.url_to_fs(src)
+            self.fs, root = filesystem(src)
         except ImportError as e:
             raise SourceError(f"source {src!r}: its filesystem needs an extra package: {e}") from e
         if not self.fs.exists(root):

@@ -30,7 +30,14 @@ import torch
 from diffusion_core.cascade import TEXT_KEYS, Stage, images_to_model, model_to_images, resize
 from diffusion_core.data.format import read_manifest
 from diffusion_core.evaluation.grids import grid_image
-from diffusion_core.storage import write_json_atomic
+from diffusion_core.storage import (
+    append_bytes,
+    exists,
+    join,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from diffusion_core.training.checkpoint import (
     checkpoint_dir_name,
     load_checkpoint,
@@ -121,10 +128,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    run_dir = Path(run["run_dir"]) if run.get("run_dir") else None
+    # the run's folder or object-store prefix: the same filesystem layer as the checkpoints
+    run_dir: str | None = run.get("run_dir")
 
-    if run_dir is not None and (run_dir / NONFINITE_JSON).exists():
-        info = json.loads((run_dir / NONFINITE_JSON).read_text())
+    if run_dir is not None and exists(join(run_dir, NONFINITE_JSON)):
+        info = read_json(join(run_dir, NONFINITE_JSON))
         raise NonFiniteLossError(
             f"not retrying: this run already hit a non-finite loss at step {info['step']} "
             f"(deterministic data and RNG would hit it again); {info['message']}"
@@ -178,9 +186,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     node = ray.get_runtime_context().get_node_id()
     nodes = _gather({"rank": rank, "node_id": node, "host": socket.gethostname()}, world)
     if rank == 0 and run_dir is not None:
-        with open(run_dir / ATTEMPTS_JSONL, "a") as f:
-            attempt = {"time": time.time(), "start_step": start, "stop": stop, "workers": nodes}
-            f.write(json.dumps(attempt) + "\n")
+        attempt = {"time": time.time(), "start_step": start, "stop": stop, "workers": nodes}
+        append_bytes(join(run_dir, ATTEMPTS_JSONL), (json.dumps(attempt) + "\n").encode())
 
     # ---- data
     reader = ShardReader(info)
@@ -227,10 +234,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         image = make_grid(stage, ema_net, grid_batch, cfg)
         tracker.image(image, f"{cfg.stage}_step{step:07d}.png")
         if run_dir is not None:
+            import io
+
             from PIL import Image
 
-            (run_dir / "samples").mkdir(exist_ok=True)
-            Image.fromarray(image).save(run_dir / "samples" / f"step{step:07d}.png")
+            png = io.BytesIO()
+            Image.fromarray(image).save(png, format="PNG")
+            write_bytes_atomic(join(run_dir, "samples", f"step{step:07d}.png"), png.getvalue())
 
     # ---- steps
     window: list[tuple[float, float]] = []
@@ -269,7 +279,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 "more warmup_steps or grad_clip set"
             )
             if run_dir is not None:
-                write_json_atomic(run_dir / NONFINITE_JSON, {"step": step, "message": msg})
+                write_json_atomic(join(run_dir, NONFINITE_JSON), {"step": step, "message": msg})
             raise NonFiniteLossError(msg)
         if ema is not None:
             ema.update(stage.network)
@@ -292,7 +302,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             tracker.flush()
             if run_dir is not None:
                 write_json_atomic(
-                    run_dir / PROGRESS_JSON,
+                    join(run_dir, PROGRESS_JSON),
                     {
                         "step": step,
                         "steps": cfg.steps,

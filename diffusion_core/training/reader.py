@@ -32,14 +32,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
 
 from diffusion_core.data.format import DataError, DatasetInfo
 from diffusion_core.data.tario import split_member_name
-from diffusion_core.storage import join
+from diffusion_core.storage import join, open_file
 
 REQUIRED_MEMBERS = ("png", "emb.npy", "tok.npy", "json")
 
@@ -55,7 +54,7 @@ class _Sample:
 def index_shard(path: str, shard: int) -> list[_Sample]:
     """Byte ranges of every sample's members in one (uncompressed) webdataset tar."""
     samples: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
-    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+    with open_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         for info in tf:
             if not info.isfile():
                 continue
@@ -101,7 +100,7 @@ class ShardReader:
     def _file(self, shard: int) -> Any:
         f = self._files.get(shard)
         if f is None:
-            f = fsspec.open(self.paths[shard], "rb").open()
+            f = open_file(self.paths[shard])
             self._files[shard] = f
             while len(self._files) > self._max_open:
                 self._files.popitem(last=False)[1].close()

@@ -14,7 +14,9 @@ at the same place (a shared filesystem), or they must be URIs.
 Credentials. The request, the runtime environment and the job metadata are stored by Ray and shown
 by its dashboard and Jobs API, so none of them carries a secret: a tracking URI loses its
 ``user:password@``, and the cluster's own environment provides MLflow's credentials
-(``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, e.g. from a Kubernetes Secret).
+(``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, e.g. from a Kubernetes Secret) and
+the object store's (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL_S3``,
+:data:`diffusion_core.storage.S3_ENV`) for ``s3://`` data, storage and export paths.
 """
 
 from __future__ import annotations

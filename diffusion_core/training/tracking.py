@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_core.storage import redact, strip_credentials
+from diffusion_core.storage import redact, storage_env, strip_credentials
 from diffusion_core.training.config import TrainConfig
 
 
@@ -51,9 +51,11 @@ def artifact_location(tracking_uri: str) -> str | None:
 
 
 def worker_env(tracking_uri: str) -> dict[str, str]:
-    """Environment variables that let a worker log to ``tracking_uri`` (credentials apart)."""
+    """Environment variables that let a worker log to ``tracking_uri`` (credentials apart) and
+    reach the object store of the run (:func:`diffusion_core.storage.storage_env`: endpoint and
+    credentials exactly as this process has them)."""
     clean, user, password = strip_credentials(tracking_uri)
-    env = {"MLFLOW_TRACKING_URI": clean}
+    env = {**storage_env(), "MLFLOW_TRACKING_URI": clean}
     user = user or os.environ.get("MLFLOW_TRACKING_USERNAME")
     password = password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:

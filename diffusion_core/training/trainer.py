@@ -37,7 +37,17 @@ from diffusion_core.data.format import (
     verify_shards,
 )
 from diffusion_core.ray_env import ensure_ray, source_root
-from diffusion_core.storage import absolute, exists, join, read_json, redact, write_json_atomic
+from diffusion_core.storage import (
+    absolute,
+    exists,
+    join,
+    pyarrow_filesystem,
+    read_bytes,
+    read_json,
+    redact,
+    remove,
+    write_json_atomic,
+)
 from diffusion_core.training.checkpoint import checkpoint_dir_name
 from diffusion_core.training.config import ConfigError, TrainConfig
 from diffusion_core.training.faults import FAULT_ENV
@@ -178,11 +188,11 @@ def train(
             "created": stored.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
         },
     )
-    if ctx.local_dir is not None and resume is not None:
-        (ctx.local_dir / NONFINITE_JSON).unlink(missing_ok=True)
+    if resume is not None:
+        remove(join(run_dir, NONFINITE_JSON))
     stop = min(config.steps, stop_at or config.steps)
     try:
-        result = _fit(config, name, storage, data, run_id, tracking_uri, ctx.local_dir, stop, on_progress, fault)
+        result = _fit(config, name, storage, data, run_id, tracking_uri, run_dir, stop, on_progress, fault)
     except BaseException as e:
         raise ctx.fail(e) from (e if isinstance(e, Exception) else None)
     step = int(result.metrics.get("step", 0)) if result.metrics else 0
@@ -231,10 +241,9 @@ class _RunContext:
     ):
         self.config, self.name, self.run_dir, self.info = config, name, run_dir, info
         self.run_id, self.tracking_uri, self.export_dir, self.t0 = run_id, tracking_uri, export_dir, t0
-        self.local_dir = None if "://" in run_dir else Path(run_dir)
 
     def _summary(self, status: str, step: int, checkpoint: str | None, **kw: Any) -> TrainResult:
-        attempts = _read_attempts(self.local_dir)
+        attempts = _read_attempts(self.run_dir)
         return TrainResult(
             run_name=self.name,
             stage=self.config.stage,
@@ -269,12 +278,11 @@ class _RunContext:
     def fail(self, e: BaseException) -> BaseException:
         """Record a failed (or interrupted) fit; the exception for :func:`train` to raise."""
         interrupted = isinstance(e, KeyboardInterrupt)
-        step = _last_progress_step(self.local_dir)
+        step = _last_progress_step(self.run_dir)
         error = "interrupted" if interrupted else f"{type(e).__name__}: {e}"
         self._close(self._summary("stopped" if interrupted else "failed", step, None, error=error))
-        if self.local_dir is not None and (self.local_dir / NONFINITE_JSON).exists():
-            message = json.loads((self.local_dir / NONFINITE_JSON).read_text())["message"]
-            return NonFiniteLossError(message)
+        if exists(join(self.run_dir, NONFINITE_JSON)):
+            return NonFiniteLossError(read_json(join(self.run_dir, NONFINITE_JSON))["message"])
         if isinstance(e, Exception) and not isinstance(e, ConfigError | DataError):
             return TrainingError(
                 f"training run {self.name!r} (stage {self.config.stage!r}) failed: {e}. Its "
@@ -315,7 +323,8 @@ class _RunContext:
         from diffusion_core.training.export import export_stage
 
         assert self.export_dir is not None
-        with Checkpoint(checkpoint).as_directory() as d:
+        fs, path = pyarrow_filesystem(checkpoint)
+        with Checkpoint(path, filesystem=fs).as_directory() as d:
             return str(
                 export_stage(
                     d,
@@ -338,15 +347,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _read_attempts(local_dir: Path | None) -> list[dict[str, Any]]:
-    if local_dir is None or not (local_dir / ATTEMPTS_JSONL).exists():
+def _read_attempts(run_dir: str) -> list[dict[str, Any]]:
+    path = join(run_dir, ATTEMPTS_JSONL)
+    if not exists(path):
         return []
-    return [json.loads(x) for x in (local_dir / ATTEMPTS_JSONL).read_text().splitlines() if x]
+    return [json.loads(x) for x in read_bytes(path).decode().splitlines() if x]
 
 
-def _last_progress_step(local_dir: Path | None) -> int:
+def _last_progress_step(run_dir: str) -> int:
     try:
-        return int(json.loads((local_dir / PROGRESS_JSON).read_text())["step"])  # type: ignore[operator]
+        return int(read_json(join(run_dir, PROGRESS_JSON))["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -354,8 +364,8 @@ def _last_progress_step(local_dir: Path | None) -> int:
 class _ProgressWatcher:
     """Polls the run's ``progress.json`` (written by rank 0) and calls ``on_progress``."""
 
-    def __init__(self, run_dir: Path, on_progress: Callable[[dict[str, Any]], None]):
-        self.path = run_dir / PROGRESS_JSON
+    def __init__(self, run_dir: str, on_progress: Callable[[dict[str, Any]], None]):
+        self.path = join(run_dir, PROGRESS_JSON)
         self.on_progress = on_progress
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="train-progress")
@@ -372,8 +382,8 @@ class _ProgressWatcher:
 
     def _poll(self) -> None:
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            data = read_json(self.path)
+        except (OSError, ValueError):  # not written yet, or a transient read error
             return
         if data.get("time") != self._last:
             self._last = data.get("time")
@@ -391,7 +401,7 @@ def _fit(
     data: str,
     run_id: str,
     tracking_uri: str,
-    local_dir: Path | None,
+    run_dir: str,
     stop: int,
     on_progress: Callable[[dict[str, Any]], None] | None,
     fault: dict[str, Any] | None,
@@ -409,13 +419,14 @@ def _fit(
         )
     if fault is not None:
         env[FAULT_ENV] = json.dumps(fault)
+    storage_fs, storage_path = pyarrow_filesystem(storage) if "://" in storage else (None, storage)
     trainer = TorchTrainer(
         train_loop_per_worker=_entry,
         train_loop_config={
             "config": config.redacted().model_dump(mode="json"),
             "run": {
                 "run_name": name,
-                "run_dir": str(local_dir) if local_dir is not None else None,
+                "run_dir": run_dir,
                 "data": data,
                 "mlflow_run_id": run_id,
                 "stop_at": stop,
@@ -429,15 +440,17 @@ def _fit(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            # one filesystem (endpoint, credentials) for Ray's checkpoints and our run files
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep),
             failure_config=FailureConfig(max_failures=config.max_failures),
             worker_runtime_env={"env_vars": env},
         ),
     )
-    if on_progress is None or local_dir is None:
+    if on_progress is None:
         return trainer.fit()
-    with _ProgressWatcher(local_dir, on_progress):
+    with _ProgressWatcher(run_dir, on_progress):
         return trainer.fit()
 
 

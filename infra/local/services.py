@@ -7,9 +7,10 @@
 
 What ``up`` starts (each in its own process group, with a health check, a log and a pid file):
 
-- ``mlflow``: ``mlflow server`` on a sqlite store with a local, proxied artifact folder
-  (``--artifacts-destination``), one worker, job execution off (healthy in seconds instead of
-  ~30). With ``--auth``: the ``basic-auth`` app, an admin password generated into the state
+- ``mlflow``: ``mlflow server`` on a sqlite store with proxied artifacts
+  (``--artifacts-destination``: a local folder, or ``--artifacts-destination s3://bucket/mlflow``
+  with the S3 endpoint and keys in the server's environment only, ``docs/deploy.md``), one
+  worker, job execution off (healthy in seconds instead of ~30). With ``--auth``: the ``basic-auth`` app, an admin password generated into the state
   folder (MLflow 3.17 ships none and refuses to start without one), a Flask secret key.
 - ``prefect-server``: ``prefect server start --no-ui`` with its sqlite database in the state
   folder. With ``--auth``: ``PREFECT_SERVER_API_AUTH_STRING`` (``/api/health`` stays open,
@@ -38,6 +39,11 @@ which lingers after one; SIGTERM to MLflow's process group, which takes its work
 it; SIGTERM to the Ray head's ``ray start`` alone, which drains and stops its processes), then
 SIGKILL for whatever of the group and of the recorded descendants is left after a grace period.
 Linux reads process trees from /proc; elsewhere only process groups are used.
+
+For tests and scripts that need one server of their own (not recorded in a state folder):
+:class:`Server` (a command in its own process group, healthy when a URL answers 200; ``stop``,
+``kill`` for "gone mid-request") and :class:`MlflowServer` (the same ``mlflow server`` command
+as ``up``, from :func:`mlflow_server_command`, with ``restart`` on the same port and store).
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ class Config:
     ray: bool = False
     ui: bool = False
     ports: Ports = field(default_factory=Ports)
+    artifacts_destination: str | None = None  # None: STATE/mlflow/artifacts
 
     @classmethod
     def load(cls, path: Path) -> Config | None:
@@ -108,7 +115,11 @@ class Config:
             return None
         raw = json.loads(path.read_text())
         return cls(
-            auth=raw["auth"], ray=raw["ray"], ui=raw.get("ui", False), ports=Ports(**raw["ports"])
+            auth=raw["auth"],
+            ray=raw["ray"],
+            ui=raw.get("ui", False),
+            ports=Ports(**raw["ports"]),
+            artifacts_destination=raw.get("artifacts_destination"),
         )
 
     def save(self, path: Path) -> None:
@@ -322,6 +333,7 @@ class Services:
         ray: bool | None = None,
         ui: bool | None = None,
         ports: Ports | None = None,
+        artifacts_destination: str | None = None,
         bin_dir: str | Path | None = None,
         echo: Callable[[str], None] | None = None,
     ):
@@ -332,6 +344,11 @@ class Services:
             ray=saved.ray if ray is None else ray,
             ui=saved.ui if ui is None else ui,
             ports=ports or saved.ports,
+            artifacts_destination=(
+                saved.artifacts_destination
+                if artifacts_destination is None
+                else artifacts_destination or None  # "": the default folder
+            ),
         )
         self._saved = saved if (self.state / "services.json").is_file() else None
         self.bin = Path(bin_dir) if bin_dir else Path(sys.executable).parent
@@ -454,14 +471,10 @@ class Services:
     def specs(self) -> dict[str, Spec]:
         cfg, p = self.config, self.config.ports
         base = self._base_env()
-        mlflow_dir = self.state / "mlflow"
-        mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        mlflow_argv = [
-            self._tool("mlflow"), "server",
-            "--host", HOST, "--port", str(p.mlflow), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-            "--artifacts-destination", str(mlflow_dir / "artifacts"),
-        ]  # fmt: skip
+        mlflow_argv, mlflow_env = mlflow_server_command(
+            self._tool("mlflow"), p.mlflow, self.state / "mlflow", base,
+            artifacts_destination=cfg.artifacts_destination,
+        )  # fmt: skip
         if cfg.auth:
             mlflow_argv += ["--app-name", "basic-auth"]
             mlflow_env.update(
@@ -798,6 +811,169 @@ class Services:
         return "\n".join(f"  {name}| {line}" for line in lines[-n:])
 
 
+def mlflow_server_command(
+    mlflow: str,
+    port: int,
+    store: Path,
+    env: dict[str, str],
+    *,
+    artifacts_destination: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The one ``mlflow server`` command of the project: loopback, one worker, job execution
+    off, a sqlite store in ``store``, proxied artifacts (``store/artifacts``, or
+    ``artifacts_destination``, e.g. ``s3://bucket/mlflow``: clients upload through the server,
+    which alone holds the object store's keys). Returns ``(argv, env)``; ``env`` is ``env`` plus
+    what the server needs: for an ``s3://`` destination, ``MLFLOW_S3_ENDPOINT_URL`` from the
+    object-store settings (``diffusion_core.storage``) — the AWS keys must already be in ``env``.
+    """
+    destination = artifacts_destination or str(store / "artifacts")
+    argv = [
+        mlflow, "server", "--host", HOST, "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination", destination,
+    ]  # fmt: skip
+    out = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if destination.startswith("s3://"):
+        from diffusion_core.storage import s3_endpoint
+
+        if endpoint := s3_endpoint():
+            out["MLFLOW_S3_ENDPOINT_URL"] = endpoint
+        if not (out.get("AWS_ACCESS_KEY_ID") and out.get("AWS_SECRET_ACCESS_KEY")):
+            raise ServiceError(
+                f"--artifacts-destination {destination}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL_S3 for a non-AWS store) for the "
+                "MLflow server"
+            )
+    return argv, out
+
+
+class Server:
+    """A command in its own process group, healthy when ``url + health_path`` answers 200
+    (see the module docstring). Subclasses give :meth:`command` and :meth:`env`."""
+
+    health_path = "/health"
+
+    def __init__(self, name: str, root: Path, port: int | None = None):
+        self.name = name
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.root / f"{name}.log"
+        self.started_in: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        """The caller's environment without MLflow client settings, the venv's tools first."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def start(self, timeout: float = 120.0) -> Server:
+        t0 = time.perf_counter()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(),
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+                )
+            if _request(self.url + self.health_path)[0] == 200:
+                self.started_in = time.perf_counter() - t0
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServiceError(f"{self.name} not healthy after {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group, SIGKILL it after ``timeout``."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(10)
+        _signal_group(self.proc.pid, signal.SIGKILL)  # children that outlived the leader
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once: the service is gone, mid-request or not."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGKILL)
+        self.proc.wait(10)
+        _signal_group(self.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MlflowServer(Server):
+    """``mlflow server`` (:func:`mlflow_server_command`) over ``root/mlflow.db``, artifacts in
+    ``root/artifacts`` or ``artifacts_destination``; ``extra_env`` goes to the server only
+    (e.g. the object store's keys)."""
+
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        *,
+        artifacts_destination: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ):
+        super().__init__("mlflow-server", root, port)
+        self.artifacts_destination = artifacts_destination
+        self.extra_env = dict(extra_env or {})
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        return mlflow_server_command(
+            str(Path(sys.executable).parent / "mlflow"),
+            self.port,
+            self.root,
+            {**super().env(), **self.extra_env},
+            artifacts_destination=self.artifacts_destination,
+        )
+
+    def command(self) -> list[str]:
+        return self._command()[0]
+
+    def env(self) -> dict[str, str]:
+        return self._command()[1]
+
+    def restart(self, timeout: float = 120.0) -> MlflowServer:
+        self.stop()
+        self.start(timeout)
+        return self
+
+
 def _client_keys(cfg: Config) -> list[str]:
     keys = ["MLFLOW_TRACKING_URI", "PREFECT_API_URL"]
     if cfg.auth:
@@ -814,7 +990,10 @@ def _spec_port(spec: Spec, ports: Ports) -> int | None:
 
 
 def _differs(a: Config, b: Config) -> bool:
-    return (a.auth, a.ray, a.ui, a.ports) != (b.auth, b.ray, b.ui, b.ports)
+    def key(c: Config) -> tuple:
+        return (c.auth, c.ray, c.ui, c.ports, c.artifacts_destination)
+
+    return key(a) != key(b)
 
 
 def _describe(cfg: Config) -> str:
@@ -857,6 +1036,14 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"up: {f.name.replace('_', ' ')} port (default {getattr(defaults, f.name)}).",
         )
+    p.add_argument(
+        "--artifacts-destination",
+        metavar="URI",
+        default=None,
+        help="up: where MLflow stores artifacts (proxied), e.g. s3://bucket/mlflow; the server "
+        "reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3 from this shell "
+        "(default: STATE/mlflow/artifacts).",
+    )
     p.add_argument("--timeout", type=float, default=180.0, help="up: seconds to wait for health.")
     p.add_argument("--bin", default=None, help="Folder holding mlflow, prefect and ray.")
     p.add_argument("--json", action="store_true", help="status: print JSON.")
@@ -874,10 +1061,20 @@ def main(argv: list[str] | None = None) -> int:
             ray=bool(args.ray),
             ui=bool(args.ui),
             ports=ports,
+            artifacts_destination=args.artifacts_destination or "",
             bin_dir=args.bin,
         )
-    elif args.auth or args.ray or args.ui or any(v is not None for v in given.values()):
-        print("--auth, --ray, --ui and the ports are options of `up`", file=sys.stderr)
+    elif (
+        args.auth
+        or args.ray
+        or args.ui
+        or args.artifacts_destination
+        or any(v is not None for v in given.values())
+    ):
+        print(
+            "--auth, --ray, --ui, --artifacts-destination and the ports are options of `up`",
+            file=sys.stderr,
+        )
         return 2
     else:
         services = Services(args.state, bin_dir=args.bin)

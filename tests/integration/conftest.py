@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.s3 import s3  # noqa: F401 - the session's S3 server, for any test
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -183,6 +183,7 @@ def test_bad_output_folder_is_refused(tmp_path):
         ingest(_cfg(tmp_path, [tmp_path / "folder"], out="folder/out"), engine="local")
     with pytest.raises(IngestError, match="does not exist"):
         ingest(_cfg(tmp_path, [tmp_path / "missing"]), engine="local")
-    with pytest.raises(ValueError, match="not a URL"):
-        IngestConfig(sources=["x"], out="s3://bucket/ds")
+    with pytest.raises(ValueError, match="or an s3:// prefix"):
+        IngestConfig(sources=["x"], out="https://host/ds")
+    assert IngestConfig(sources=["x"], out="s3://bucket/ds/").out == "s3://bucket/ds"
     assert IngestConfig(sources=["x"], out=f"file://{tmp_path}").out == str(tmp_path)

@@ -16,7 +16,7 @@ from diffusion_core.evaluation.report import EvalReport, EvalSettings
 from diffusion_core.registry.cli import promote_command, register_command
 from diffusion_core.training import load_preset
 from diffusion_core.training.export import TRAINING_JSON
-from tests.services import MlflowServer
+from infra.local.services import MlflowServer
 
 SETTINGS = EvalSettings(num_samples=8, steps=6)
 
