@@ -74,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE = Path(".services")
 HOST = "127.0.0.1"
 POOL = "cascade-process"
+AUTOMATIONS = Path(__file__).resolve().parents[1] / "prefect" / "automations.yaml"
 WORKER_NAME = "cascade-local-worker"
 MLFLOW_ADMIN = "admin"
 PREFECT_USER = "cascade"
@@ -557,6 +558,29 @@ class Services:
             path = Path("/tmp") / f"cascade-ray-{digest}"
         return path
 
+    def _ensure_automations(self) -> None:
+        """Create the automations of ``infra/prefect/automations.yaml`` that the Prefect server
+        does not have yet (by name): a run whose worker died is marked Crashed."""
+        import yaml
+        from prefect.events.schemas.automations import AutomationCore
+
+        headers = basic_auth(self.prefect_auth_string()) if self.config.auth else {}
+        status, body = _request(f"{self.prefect_api_url}/automations/filter", headers=headers, body={})
+        if status != 200:
+            raise ServiceError(f"prefect: listing automations answered {status}: {body[:200]!r}")
+        have = {a["name"] for a in json.loads(body)}
+        spec = yaml.safe_load(AUTOMATIONS.read_text())
+        for raw in spec["automations"]:
+            if raw["name"] in have:
+                continue
+            automation = AutomationCore.model_validate(raw).model_dump(mode="json")
+            status, body = _request(
+                f"{self.prefect_api_url}/automations/", headers=headers, body=automation
+            )
+            if status not in (200, 201):
+                raise ServiceError(f"prefect: creating {raw['name']} answered {status}: {body[:300]!r}")
+            self.echo(f"{'automation':<15} {'created':<16} {raw['name']}")
+
     def _worker_online(self, rec: Record) -> bool:
         headers = basic_auth(self.prefect_auth_string()) if self.config.auth else {}
         status, body = _request(
@@ -635,6 +659,7 @@ class Services:
                 first = [n for n in self.names() if n != "prefect-worker"]
                 self._start_all([specs[n] for n in first], result, timeout)
                 self._start_all([specs["prefect-worker"]], result, timeout)
+                self._ensure_automations()
             except BaseException:
                 started = [n for n, what in result.items() if what == "started"]
                 if started:

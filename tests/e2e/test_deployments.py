@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.local.services import Ports, Services, _family, free_port
+from infra.local.services import Ports, Services, _family, _request, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +59,9 @@ def _prefect(args: list[str], env: dict[str, str], timeout: float) -> subprocess
 
 @pytest.fixture(scope="module")
 def deployed(services):
-    """`prefect deploy --all` from this checkout, and the zombie automation (its window shortened
-    from the shipped 90 s to 45 s to keep the test short; still over one 30 s heartbeat)."""
+    """`prefect deploy --all` from this checkout; `services up` created the shipped zombie
+    automation, and a copy with its window shortened from 90 s to 45 s keeps the test short (still
+    over one 30 s heartbeat)."""
     from diffusion_core.data.shapes import write_shapes
 
     svc, root = services
@@ -74,8 +75,11 @@ def deployed(services):
     }
     deployed = _prefect(["--no-prompt", "deploy", "--all"], env, 240)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    status, body = _request(f"{svc.prefect_api_url}/automations/filter", body={})
+    assert status == 200 and "crash-zombie-flow-runs" in {a["name"] for a in json.loads(body)}
     spec = yaml.safe_load((ROOT / "infra/prefect/automations.yaml").read_text())
     for automation in spec["automations"]:
+        automation["name"] += "-45s"
         automation["trigger"]["within"] = 45
     (root / "automations.yaml").write_text(yaml.safe_dump(spec))
     made = _prefect(["automation", "create", "--from-file", str(root / "automations.yaml")], env, 60)
