@@ -8,7 +8,6 @@ version, images/s) and a table of the first rows of the manifest.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from typing import Any
 
@@ -72,13 +71,16 @@ def summary_markdown(r: BatchResult | dict[str, Any]) -> str:
 def publish(result: dict[str, Any], rows: int = 10) -> None:
     import pyarrow.parquet as pq
 
+    from diffusion_core.batch.output import Output
+
     create_markdown_artifact(
         markdown=summary_markdown(result),
         key="sample-batch-summary",
         description=f"batch sampling into {result['out']}",
     )
-    table = pq.read_table(os.path.join(result["out"], "manifest.parquet"))
-    first = table.slice(0, rows).select(["id", "prompt", "seed", "file", "sha256"]).to_pylist()
+    with Output(result["out"]).open_read("manifest.parquet") as f:  # a folder or a URI
+        table = pq.read_table(f, columns=["id", "prompt", "seed", "file", "member", "sha256"])
+    first = table.slice(0, rows).to_pylist()
     create_table_artifact(table=first, key="sample-batch-rows", description="the first images")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import typer
 
@@ -16,7 +15,10 @@ def sample_command(
     prompts: list[str] = typer.Option(
         ..., "--prompts", help="Prompts file (.txt, .jsonl, .csv, .parquet); repeatable."
     ),
-    out: Path = typer.Option(..., "--out", help="Output folder (images, manifest, summary)."),
+    out: str = typer.Option(
+        ..., "--out", help="Output folder or fsspec URI (s3://bucket/prefix; credentials from the "
+        "environment): images or shards, manifest, summary."
+    ),
     images_per_prompt: int = typer.Option(1, "--images-per-prompt", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Job seed (rows without a seed derive theirs)."),
     steps: int = typer.Option(50, "--num-inference-steps", help="Network calls per stage."),
@@ -26,7 +28,13 @@ def sample_command(
     actors: int = typer.Option(1, "--actors", help="Sampler actors (each loads the model once)."),
     actor_cpus: float = typer.Option(0.5, "--actor-cpus", help="CPUs per actor."),
     actor_gpus: float = typer.Option(0.0, "--actor-gpus", help="GPUs per actor."),
-    fmt: str = typer.Option("png", "--format", help="png (images/<id>.png)."),
+    torch_threads: int = typer.Option(
+        0, "--torch-threads", help="Torch threads per actor (0: its --actor-cpus, at least 1)."
+    ),
+    fmt: str = typer.Option(
+        "png", "--format", help="png (images/<id>.png) or webdataset (shards/shard-NNNNNN.tar)."
+    ),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Images per webdataset shard."),
 ) -> None:
     """Sample one image per prompt (or K) with a Ray Data job: deterministic and resumable.
 
@@ -44,7 +52,7 @@ def sample_command(
         cfg = BatchConfig(
             model=model,
             prompts=prompts,
-            out=str(out),
+            out=out,
             images_per_prompt=images_per_prompt,
             seed=seed,
             settings=SamplerSettings(
@@ -54,7 +62,9 @@ def sample_command(
             num_actors=actors,
             actor_cpus=actor_cpus,
             actor_gpus=actor_gpus,
+            torch_threads=torch_threads or None,
             format=fmt,
+            shard_size=shard_size,
         )
     except ValidationError as e:
         err.print(f"[red]error:[/red] invalid option: {e}", soft_wrap=True)

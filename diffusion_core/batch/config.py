@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from diffusion_core.storage import absolute, is_uri
+from diffusion_core.storage import absolute, is_uri, redact
 
 PROMPT_EXTENSIONS = ("txt", "jsonl", "csv", "parquet")
 
@@ -33,7 +33,10 @@ class BatchConfig(BaseModel):
         None, description="the MLflow registry of a models:/ URI (default: $MLFLOW_TRACKING_URI)"
     )
     prompts: list[str] = Field(min_length=1, description="prompt files (.txt .jsonl .csv .parquet)")
-    out: str = Field(description="output folder (local or a mounted shared filesystem)")
+    out: str = Field(
+        description="output folder: a local path (a shared filesystem on a cluster) or an fsspec "
+        "URI (s3://bucket/prefix; credentials from the environment)"
+    )
     images_per_prompt: int = Field(1, ge=1, le=1000)
     seed: int = Field(0, ge=0, description="job seed: a row without its own seed derives one")
     settings: SamplerSettings = SamplerSettings()
@@ -41,23 +44,30 @@ class BatchConfig(BaseModel):
     format: Literal["png", "webdataset"] = Field(
         "png", description="images/<id>.png, or webdataset shards (shards/shard-NNNNNN.tar)"
     )
-    shard_size: int = Field(1000, ge=1, description="images per webdataset shard")
+    shard_size: int = Field(
+        1000, ge=1, le=1_000_000, description="images per webdataset shard (part of the job)"
+    )
     num_actors: int = Field(1, ge=1, description="sampler actors (each loads the model once)")
     actor_cpus: float = Field(
         0.5, gt=0, description="CPUs per actor; fractional on a small machine (whole-CPU actors "
         "starve the read tasks and hang on 2 cores)"
     )
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor (a GPU cluster)")
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per actor")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per actor (default: its CPUs, rounded "
+        "down, at least 1: threads beyond the cores it gets spin and slow everything)"
+    )
     contact_sheet: int = Field(16, ge=0, le=256, description="images on contact_sheet.png")
 
     @field_validator("out")
     @classmethod
-    def _local_out(cls, v: str) -> str:
-        v = v.removeprefix("file://")
-        if is_uri(v):
-            raise ValueError(f"out={v!r}: images are written to a local or mounted folder")
-        return absolute(v)
+    def _out(cls, v: str) -> str:
+        v = absolute(v)  # file:// becomes a local path; another URI stays as it is
+        if is_uri(v) and not v.split("://", 1)[1].strip("/"):
+            raise ValueError(f"out={v!r}: give a bucket or folder after the scheme")
+        if is_uri(v) and "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(f"out={redact(v)!r}: put credentials in the environment, not the URI")
+        return v.rstrip("/") if is_uri(v) else v
 
     @field_validator("prompts")
     @classmethod

@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-
 from diffusion_core.batch.reasons import PromptReason
+from diffusion_core.storage import open_file
 
 MAX_PROMPT_CHARS = 4096
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -123,7 +122,7 @@ def read_prompt_file(path: str, label: str | None = None) -> Iterator[PromptRow]
     stem = file_stem(path)
     ext = path.rsplit(".", 1)[-1].lower()
     try:
-        with fsspec.open(path, "rb") as f:
+        with open_file(path) as f:
             if ext == "txt":
                 yield from _txt(f, stem, label)
             elif ext == "jsonl":

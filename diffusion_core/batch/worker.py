@@ -3,24 +3,26 @@
 Every image is sampled alone (``Cascade.sample(..., per_image=True)``), from its own seed, so it
 is a pure function of (model version, prompt, negative prompt, seed, sampler settings) — byte for
 byte, whatever the batch size, the actor count or the order (``docs/batch.md``). Files are
-written atomically (``storage.write_bytes_atomic``), and a row whose image already exists is not
-sampled again (its file is hashed instead): that is how a killed job resumes.
+written atomically (:class:`~diffusion_core.batch.output.Output`: a local folder or an object
+store), and a row whose image already exists is not sampled again (its file is hashed instead):
+that is how a killed job resumes. With ``--format webdataset`` the images go to ``.staging/``
+until the driver packs their shard (:mod:`~diffusion_core.batch.shards`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from typing import Any
 
 import pyarrow as pa
 
+from diffusion_core.batch.output import Output
 from diffusion_core.cascade.images import png_bytes
-from diffusion_core.storage import write_bytes_atomic
 
 RESULT_SCHEMA = pa.schema(
     [
+        ("index", pa.uint64()),
         ("id", pa.string()),
         ("prompt", pa.string()),
         ("negative_prompt", pa.string()),
@@ -34,21 +36,32 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
-def image_path(out: str, image_id: str) -> str:
-    return os.path.join(out, "images", f"{image_id}.png")
+def image_name(image_id: str, folder: str = "images") -> str:
+    """Where an image is written, relative to the output (``images/`` or ``.staging/``)."""
+    return f"{folder}/{image_id}.png"
 
 
 class CascadeSampler:
     """A Ray Data callable class (``map_batches(CascadeSampler, compute=ActorPoolStrategy(...))``)."""
 
-    def __init__(self, model_dir: str, out: str, settings: dict[str, Any], torch_threads: int = 1):
+    def __init__(
+        self,
+        model_dir: str,
+        out: str,
+        settings: dict[str, Any],
+        torch_threads: int = 1,
+        folder: str = "images",
+    ):
         import torch
 
         from diffusion_core.cascade import Cascade
 
+        # One intra-op thread per CPU of the actor's share: more threads than cores make
+        # actors (and the driver) fight over the same cores (docs/batch.md, "Speed").
         torch.set_num_threads(torch_threads)
         self.cascade = Cascade.load(model_dir)
-        self.out = out
+        self.output = Output(out)
+        self.folder = folder
         self.settings = dict(settings)
         enc = self.cascade.text_encoder if self.cascade.is_text_conditioned else None
         self.max_tokens = getattr(enc, "max_tokens", None)
@@ -65,22 +78,22 @@ class CascadeSampler:
         rows = batch.to_pylist()
         out = []
         for r in rows:
-            path = image_path(self.out, r["id"])
+            name = image_name(r["id"], self.folder)
             t0 = time.perf_counter()
-            resumed = os.path.exists(path)
+            resumed = self.output.exists(name)
             if resumed:
-                with open(path, "rb") as f:
-                    png = f.read()
+                png = self.output.read_bytes(name)
             else:
                 png = self.generate(r["prompt"], r["negative_prompt"], int(r["seed"]))
-                write_bytes_atomic(path, png)
+                self.output.write_bytes(name, png)
             out.append(
                 {
+                    "index": int(r["index"]),
                     "id": r["id"],
                     "prompt": r["prompt"],
                     "negative_prompt": r["negative_prompt"],
                     "seed": int(r["seed"]),
-                    "file": os.path.relpath(path, self.out),
+                    "file": name,
                     "sha256": hashlib.sha256(png).hexdigest(),
                     "seconds": time.perf_counter() - t0,
                     "resumed": resumed,

@@ -1,11 +1,13 @@
 """The batch-sampling job end to end: real local Ray Data (actor pool), a tiny cascade, real files.
 
 Every input format and bad row, byte-identical images across batch sizes and actor counts, a job
-process killed mid-run and run again, the "nothing to do" rerun, a registry alias pinned once
-while it moves, and the Prefect flow under the test harness."""
+process killed mid-run and run again (png and webdataset output), the "nothing to do" rerun, a
+registry alias pinned once while it moves, the outputs on a real S3 server, and the Prefect flow
+under the test harness."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -93,8 +95,6 @@ def test_every_format_and_bad_row_adds_up(ray_local, cascade_dir, tmp_path):
     assert sq["b-4_0"]["negative_prompt"] == "blue"
     for x in rows:
         data = (out / x["file"]).read_bytes()
-        import hashlib
-
         assert hashlib.sha256(data).hexdigest() == x["sha256"] and data[:4] == b"\x89PNG"
         assert x["model_uri"] == str(cascade_dir) and x["num_inference_steps"] == 4
     from PIL import Image
@@ -176,6 +176,140 @@ def test_a_killed_job_resumes_without_recomputing_or_duplicating(ray_local, casc
     assert {x["id"]: x["sha256"] for x in manifest(out)} == {
         x["id"]: x["sha256"] for x in manifest(tmp_path / "straight")
     }
+
+
+def read_webdataset(out: Path) -> dict[str, dict]:
+    """Every sample of the output's shards, read by the ``webdataset`` package (not our reader)."""
+    import webdataset as wds
+
+    urls = sorted(str(f) for f in (out / "shards").glob("*.tar"))
+    samples: dict[str, dict] = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert s["__key__"] not in samples, f"{s['__key__']} twice"
+        samples[s["__key__"]] = {"shard": Path(s["__url__"]).name, **s}
+    return samples
+
+
+def shard_digests(out: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (out / "shards").glob("*.tar")}
+
+
+def test_webdataset_shards_hold_every_image_once_with_the_png_bytes(ray_local, cascade_dir, tmp_path):
+    p = prompts_txt(tmp_path / "p.txt", 12)
+    png = run_batch(cfg(cascade_dir, [p], tmp_path / "png", batch_size=4))
+    a = run_batch(cfg(cascade_dir, [p], tmp_path / "a", format="webdataset", shard_size=5,
+                      batch_size=1, num_actors=1))  # fmt: skip
+    b = run_batch(cfg(cascade_dir, [p], tmp_path / "b", format="webdataset", shard_size=5,
+                      batch_size=3, num_actors=2))  # fmt: skip
+    assert png.images == a.images == b.images == 12 == a.written == b.written
+    ids = [f"p-{i}" for i in range(1, 13)]
+    samples = read_webdataset(tmp_path / "a")
+    assert sorted(samples) == sorted(ids)
+    # the prompts, in file order, cut into shards of 5, 5 and 2
+    assert [samples[i]["shard"] for i in ids] == ["shard-000000.tar"] * 5 + ["shard-000001.tar"] * 5 + [
+        "shard-000002.tar"
+    ] * 2
+    by_id = {x["id"]: x for x in manifest(tmp_path / "png")}
+    for i in ids:
+        assert samples[i]["png"] == (tmp_path / "png" / by_id[i]["file"]).read_bytes()
+        assert samples[i]["txt"].decode() == by_id[i]["prompt"]
+        meta = json.loads(samples[i]["json"])
+        assert meta["sha256"] == by_id[i]["sha256"] and meta["seed"] == by_id[i]["seed"]
+    # the manifest points at shard and member; the shards' bytes do not depend on the batch size
+    # or the actor count (fixed tar headers, members in plan order)
+    rows = {x["id"]: x for x in manifest(tmp_path / "b")}
+    assert sorted(rows) == sorted(ids)
+    assert rows["p-7"]["file"] == "shards/shard-000001.tar" and rows["p-7"]["member"] == "p-7.png"
+    assert shard_digests(tmp_path / "a") == shard_digests(tmp_path / "b") and len(shard_digests(tmp_path / "a")) == 3
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert (out / "contact_sheet.png").is_file() and not (out / "images").exists()
+        assert not [f for f in out.rglob("*") if f.name.endswith(".partial") or ".staging" in f.parts]
+    # the shard size is part of the job: another one in the same folder is another job
+    with pytest.raises(BatchError, match="holds the output of another job"):
+        run_batch(cfg(cascade_dir, [p], tmp_path / "a", format="webdataset", shard_size=4))
+    assert run_batch(cfg(cascade_dir, [p], tmp_path / "a", format="webdataset", shard_size=5)).nothing_to_do
+
+
+def test_a_killed_webdataset_job_resumes_shard_by_shard(ray_local, cascade_dir, tmp_path):
+    p = prompts_txt(tmp_path / "p.txt", 80)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "diffusion_core.cli", "sample", "--model", str(cascade_dir),
+            "--prompts", str(p), "--out", str(out), "--num-inference-steps", "12",
+            "--batch-size", "2", "--format", "webdataset", "--shard-size", "8"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while len(list((out / "shards").glob("*.tar"))) < 2:
+        assert proc.poll() is None, "the job ended before it could be killed"
+        assert time.monotonic() < deadline, "no 2 shards after 240 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    shards_before = {f.name: f.stat().st_mtime_ns for f in (out / "shards").glob("*.tar")}
+    done = {int(name[6:12]) for name in shards_before}
+    # staged images of unfinished shards (a kill between a shard's rename and the removal of
+    # its staged copies leaves those too: they are not images to resume)
+    staged_before = [f for f in (out / ".staging").glob("*.png") if (int(f.stem[2:]) - 1) // 8 not in done]
+    assert 2 <= len(shards_before) < 10 and not (out / "manifest.parquet").exists()
+    time.sleep(2)  # let the killed Ray's processes go
+    job = dict(settings=SamplerSettings(num_inference_steps=12), format="webdataset", shard_size=8)
+    r = run_batch(cfg(cascade_dir, [p], out, batch_size=2, **job))
+    # complete shards were not redone, nor were the images staged for an unfinished one
+    assert r.images == 80 and r.resumed >= 8 * len(shards_before) + len(staged_before)
+    assert r.written == 80 - r.resumed
+    assert all((out / "shards" / f).stat().st_mtime_ns == t for f, t in shards_before.items())
+    samples = read_webdataset(out)
+    assert sorted(samples) == sorted(f"p-{i}" for i in range(1, 81))  # every id exactly once
+    ids = [x["id"] for x in manifest(out)]
+    assert len(ids) == len(set(ids)) == 80
+    assert not [f for f in out.rglob("*") if f.name.endswith(".partial") or ".staging" in f.parts]
+    # and the shards are, byte for byte, those of an uninterrupted job with other batch sizes
+    straight = tmp_path / "straight"
+    assert run_batch(cfg(cascade_dir, [p], straight, batch_size=5, num_actors=2, **job)).written == 80
+    assert shard_digests(out) == shard_digests(straight) and len(shard_digests(out)) == 10
+
+
+def test_both_formats_write_to_s3_resume_there_and_list_exactly(
+    ray_local, cascade_dir, tmp_path, s3, monkeypatch
+):
+    import io
+
+    for k, v in s3.env.items():  # credentials from the environment, as in production
+        monkeypatch.setenv(k, v)
+    p = prompts_txt(tmp_path / "p.txt", 6)
+    run_batch(cfg(cascade_dir, [p], tmp_path / "local"))
+    local = {x["id"]: x["sha256"] for x in manifest(tmp_path / "local")}
+    client = s3.client()
+    records = {"job.json", "manifest.parquet", "rejected.jsonl", "summary.json", "contact_sheet.png"}
+    for fmt, extra, files, lost in (
+        ("png", {}, {f"images/p-{i}.png" for i in range(1, 7)}, ["images/p-5.png", "images/p-6.png"]),
+        ("webdataset", {"shard_size": 4}, {"shards/shard-000000.tar", "shards/shard-000001.tar"},
+         ["shards/shard-000001.tar"]),
+    ):  # fmt: skip
+        uri = s3.prefix(f"batch-{fmt}")
+        job = cfg(cascade_dir, [p], uri, format=fmt, num_actors=2, batch_size=2, **extra)
+        assert run_batch(job).written == 6
+        assert set(s3.keys(uri)) == records | files  # no plan, staging or partial object left
+
+        prefix = uri.removeprefix(f"s3://{s3.bucket}/")
+
+        def get(key: str, prefix: str = prefix) -> bytes:  # read with boto3, not our fsspec layer
+            return client.get_object(Bucket=s3.bucket, Key=f"{prefix}/{key}")["Body"].read()
+
+        rows = pq.read_table(io.BytesIO(get("manifest.parquet"))).to_pylist()
+        assert {x["id"]: x["sha256"] for x in rows} == local  # the same bytes as a local job
+        if fmt == "png":
+            assert all(hashlib.sha256(get(x["file"])).hexdigest() == x["sha256"] for x in rows)
+        for key in ("job.json", "summary.json", "manifest.parquet"):
+            assert s3.secret_key.encode() not in get(key)
+        # what a job killed before its last images leaves: run again, only those are made
+        for key in ["summary.json", "manifest.parquet", *lost]:
+            client.delete_object(Bucket=s3.bucket, Key=f"{prefix}/{key}")
+        r = run_batch(job)
+        assert (r.written, r.resumed) == (2, 4)
+        assert set(s3.keys(uri)) == records | files
+        assert run_batch(job).nothing_to_do
 
 
 def _register(client, name: str, cascade_dir: Path, artifacts: Path) -> str:
