@@ -11,7 +11,9 @@ Set-up as in the chapter: one-dimensional data, T = 100 steps of a constant beta
   overlaid on Bayes' rule on the grid,
 - the fitted reverse model (18.7, 18.8, 18.10): a small MLP noise predictor trained here with the
   eps loss of ``objectives.training_losses`` (eq. 18.39, Algorithm 18.1), sampled with the
-  ancestral, DDIM and accelerated samplers of ``sampling``.
+  ancestral, DDIM and accelerated samplers of ``sampling``. Ancestral samples include the
+  decoder's noise at the last step (``decoder_noise``), so they are samples of the model
+  Pr(x|z_1) Pr(z_1|z_2)... rather than of its last mean, which is too narrow at beta_1 = 0.03.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from diffusion_core.objectives import sample_timesteps, training_losses  # noqa:
 from diffusion_core.reverse import p_mean_variance  # noqa: E402
 from diffusion_core.sampling import sample_ddim, sample_ddpm, timesteps_for  # noqa: E402
 from diffusion_core.schedule import NoiseSchedule  # noqa: E402
-from diffusion_core.toy import GaussianMixture  # noqa: E402
+from diffusion_core.toy import GaussianMixture, wasserstein_1d  # noqa: E402
 
 Tensor = torch.Tensor
 
@@ -115,12 +117,26 @@ class ToyEpsNet(nn.Module):
 
 
 def fit_toy_model(
-    data: GaussianMixture, schedule: NoiseSchedule, *, steps: int = 2000, batch: int = 1024, seed: int = 0
+    data: GaussianMixture,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 4000,
+    batch: int = 1024,
+    width: int = 64,
+    seed: int = 0,
 ) -> ToyEpsNet:
-    """Algorithm 18.1: fit the noise predictor with the eps loss of eq. 18.39."""
+    """Algorithm 18.1: fit the noise predictor with the eps loss of eq. 18.39.
+
+    Measured W1 from 200k ancestral samples (with the decoder's noise) to Pr(x) itself: 0.017
+    for the exact predictor (the chapter's T = 100 Gaussian steps), 0.031 for 2000 steps at
+    width 128, 0.023 for 4000 steps at width 64 (the default, no slower). What the extra steps
+    buy is the fit at small t, where the loss is mostly irreducible noise: the mean squared
+    error to the exact eps* at t = 1 falls from 1.4e-2 to 9.6e-3. An EMA of the weights (0.99)
+    changed nothing; a batch of 4096 did as well as 4000 steps at twice the time.
+    """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = ToyEpsNet(schedule.T)
+    model = ToyEpsNet(schedule.T, width)
     # One-cycle warm-up and decay: measured W2 to Pr(x) of 0.077 (sampling floor 0.076) against
     # 0.17 for a plain cosine decay at the same step count.
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -285,12 +301,18 @@ def figure_18_6(out: Path, schedule: NoiseSchedule) -> Path:
 
 
 def _sample_paths(model, schedule: NoiseSchedule, n: int, g: torch.Generator, method: str,
-                  steps: int) -> tuple[Tensor, Tensor]:
-    """Sample n points with the fitted model; returns (trajectory [steps+1, n], timestep rows)."""
+                  steps: int, decoder_noise: bool = True) -> tuple[Tensor, Tensor]:
+    """Sample n points with the fitted model; returns (trajectory [steps+1, n], timestep rows).
+
+    Ancestral samples draw the last step too (``decoder_noise``): with beta_1 = 0.03, returning
+    the decoder's mean f_1 as Algorithm 18.2 does narrows every mode (W1 to Pr(x) 0.040 instead
+    of 0.017 with the exact predictor; peaks of 0.66 where the density is 0.49).
+    """
     z = torch.randn(n, 1, generator=g)
     with torch.no_grad():
-        if method == "ddpm":
-            _, traj = sample_ddpm(model, z, schedule, steps, generator=g, return_trajectory=True)
+        if method == "ddpm":  # a sample of the model, its decoder's noise included (eq. 18.16)
+            _, traj = sample_ddpm(model, z, schedule, steps, generator=g, return_trajectory=True,
+                                  decoder_noise=decoder_noise)
         else:
             _, traj = sample_ddim(model, z, schedule, steps, eta=0.0, generator=g,
                                   return_trajectory=True)
@@ -327,7 +349,12 @@ def figure_18_8(out: Path, data: GaussianMixture, schedule: NoiseSchedule, model
     ax.hist(paths[-1, :, 0].numpy(), bins=100, density=True, color=COLOURS[3], alpha=0.5,
             label="samples of the fitted model")
     ax.plot(GRID, marginal_density(data, schedule, None), color=COLOURS[1], lw=2, label="Pr(x)")
-    ax.set(xlabel="x", title="18.8 fitted model: samples vs the data density")
+    x = paths[-1, :, 0].double()
+    w1 = float(wasserstein_1d(x, data.sample(len(x), generator=g)[:, 0], p=1))
+    floor = float(wasserstein_1d(data.sample(len(x), generator=g)[:, 0],
+                                 data.sample(len(x), generator=g)[:, 0], p=1))
+    ax.set(xlabel="x", title=f"18.8 fitted model: samples vs Pr(x)\n"
+           f"W1 to a sample of Pr(x) {w1:.3f}; between two samples of Pr(x) {floor:.3f}")
     ax.legend(fontsize=7)
     return _save(fig, out, "fig18_8_fitted_samples.png")
 

@@ -22,7 +22,7 @@ def sample_command(
     images_per_prompt: int = typer.Option(1, "--images-per-prompt", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Job seed (rows without a seed derive theirs)."),
     steps: int = typer.Option(50, "--num-inference-steps", help="Network calls per stage."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim, dpmsolver++ or ddpm."),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddim, dpmsolver++, unipc or ddpm."),
     guidance_scale: float = typer.Option(3.0, "--guidance-scale", help="Classifier-free guidance."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per actor call."),
     actors: int = typer.Option(1, "--actors", help="Sampler actors (each loads the model once)."),

@@ -17,7 +17,7 @@ from diffusion_core.schedule import ScheduleConfig
 FORMAT_VERSION = 1
 CASCADE_JSON = "cascade.json"
 TEXT_KEYS = ("text_pooled", "text_tokens", "text_mask")
-Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
+Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
 
 
 class StageConfig(BaseModel):

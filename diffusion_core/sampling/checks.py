@@ -26,8 +26,8 @@ def check_eta(eta: float) -> None:
 
 
 def check_order(order: int) -> None:
-    if order not in (1, 2):
-        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
 
 
 def check_only_for(name: str, value: object, default: object, method: str, owner: str) -> None:

@@ -39,19 +39,44 @@ def test_reverse_conditional_is_normalised_and_matches_tweedie():
         assert grid_mean == pytest.approx(tweedie, abs=F.BETA)
 
 
-def test_fitted_toy_model_learns_the_data_density():
-    """Algorithm 18.1 on the toy: ancestral samples of the fitted model are close to Pr(x)."""
-    schedule, data = F.toy_schedule(), F.toy_data()
-    model = F.fit_toy_model(data, schedule)
-    g = torch.Generator().manual_seed(1)
-    paths, _ = F._sample_paths(model, schedule, 20000, g, "ddpm", F.T)
-    reference = data.sample(20000, generator=g)[:, 0]
-    fitted = wasserstein_1d(paths[-1, :, 0], reference)
-    untrained = wasserstein_1d(torch.randn(20000, generator=g), reference)
-    assert math.isfinite(float(fitted))
-    # Measured over three seeds: 0.061-0.067 fitted, 0.023-0.051 between two sample sets of
-    # Pr(x), about 0.6 for N(0, 1).
-    assert float(fitted) < 0.1 < float(untrained)
+@pytest.fixture(scope="module")
+def fitted():
+    return F.fit_toy_model(F.toy_data(), F.toy_schedule())
+
+
+def test_fitted_toy_model_reproduces_the_data_density(fitted):
+    """Algorithm 18.1 on the toy: ancestral samples of the fitted model (figures 18.8, 18.10)
+    are as close to Pr(x) as another sample of Pr(x) is: W1 within 1.5x the two-sample floor.
+
+    N = 5000, mean over 3 sampling seeds against a floor of 8 true-vs-true pairs. Measured for
+    three training seeds: 1.07-1.24x the floor; the exact predictor 1.11x (the chapter's 100
+    Gaussian steps of beta = 0.03 have a bias of their own, W1 ~0.017: at N = 10000 the exact
+    predictor is at 1.37x, at 20000 ~1.6x, so a larger N measures the process, not the fit).
+    Returning the decoder's mean f_1 at the last step (Algorithm 18.2) gives 1.62-1.76x.
+    """
+    schedule, data, n = F.toy_schedule(), F.toy_data(), 5000
+
+    def gen(seed):
+        return torch.Generator().manual_seed(seed)
+
+    def truth(seed):
+        return data.sample(n, generator=gen(seed))[:, 0]
+
+    floor = sum(float(wasserstein_1d(truth(s), truth(100 + s), p=1)) for s in range(8)) / 8
+
+    def distance(decoder_noise: bool) -> float:
+        w = []
+        for seed in range(3):
+            paths, _ = F._sample_paths(fitted, schedule, n, gen(seed), "ddpm", F.T, decoder_noise)
+            w.append(float(wasserstein_1d(paths[-1, :, 0], truth(1000 + seed), p=1)))
+        return sum(w) / len(w)
+
+    fitted_w1, mean_only = distance(True), distance(False)
+    assert math.isfinite(fitted_w1)
+    assert fitted_w1 <= 1.5 * floor, (fitted_w1, floor)
+    assert mean_only > fitted_w1, (mean_only, fitted_w1)  # the cause of the too-sharp peaks
+    untrained = float(wasserstein_1d(torch.randn(n, generator=gen(7)), truth(7), p=1))
+    assert untrained > 10 * floor
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from diffusion_core.sampling import (
     sample_ddim,
     sample_ddpm,
     sample_dpmsolver_pp,
+    sample_unipc,
     timesteps_for,
 )
 from diffusion_core.schedule import NoiseSchedule
@@ -87,7 +88,9 @@ def _delta_model(x0: torch.Tensor):
 
 
 # --------------------------------------------------------------------- step selection
-@pytest.mark.parametrize("spacing", ["uniform", "logsnr", "trailing", "leading"])
+@pytest.mark.parametrize(
+    "spacing", ["uniform", "logsnr", "logsnr_window", "karras", "trailing", "leading"]
+)
 @pytest.mark.parametrize("steps", [1, 2, 7, 50, 999, 1000])
 def test_timesteps_for(spacing, steps):
     ts = timesteps_for(steps, SCHEDULE, spacing)
@@ -95,7 +98,7 @@ def test_timesteps_for(spacing, steps):
     assert bool((ts[1:] > ts[:-1]).all()) and int(ts[0]) >= 0 and int(ts[-1]) <= 999
     if spacing != "leading":
         assert int(ts[-1]) == 999  # start from the noisiest step
-    if spacing in ("uniform", "logsnr") and steps > 1:
+    if spacing in ("uniform", "logsnr", "karras") and steps > 1:
         assert int(ts[0]) == 0
     if steps == 1000:
         assert torch.equal(ts, torch.arange(1000))
@@ -146,7 +149,7 @@ def test_learned_variance_endpoints_are_the_fixed_variances(v, variance):
     )
 
 
-@pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmsolver_pp])
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmsolver_pp, sample_unipc])
 def test_point_mass_follows_the_diffusion_kernel_exactly(sampler):
     """For x = x0, x_hat = x0 at every step, so the ODE path is sqrt(ab) x0 + sqrt(1-ab) eps_T."""
     x0 = torch.tensor([[0.7, -0.3]], dtype=torch.float64)
@@ -351,7 +354,7 @@ def test_classifier_grad_by_autograd_matches_closed_form():
         torch.testing.assert_close(grad_fn(z, t), expected)
 
 
-@pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmsolver_pp])
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmsolver_pp, sample_unipc])
 def test_classifier_guidance_at_scale_one_is_the_conditional_model(sampler):
     """Noise form: eps - sqrt(1-ab) grad log p(y|z) = -sqrt(1-ab) grad log q(z|y) = eps*(z|y)."""
     z = torch.randn(512, 2, generator=_gen(17), dtype=torch.float64)
@@ -410,7 +413,10 @@ def test_model_receives_long_timesteps_and_kwargs():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(method="euler"), r"unknown sampling method 'euler'.*'ddpm', 'ddim', 'dpmsolver\+\+'"),
+        (
+            dict(method="euler"),
+            r"unknown sampling method 'euler'.*'ddpm', 'ddim', 'dpmsolver\+\+', 'unipc'",
+        ),
         (dict(steps=1001), r"steps must lie in \[1, T=1000\], got 1001"),
         (dict(steps=0), r"steps must lie in \[1, T=1000\]"),
         (dict(steps=2.5), "steps must be an int"),
@@ -438,6 +444,6 @@ def test_bad_model_output_and_timesteps():
         sample_ddim(MODEL, z, SCHEDULE, timesteps=[0, 500, 400])
     with pytest.raises(ValueError, match="either steps or timesteps"):
         sample_ddim(MODEL, z, SCHEDULE, 5, timesteps=[0, 500])
-    with pytest.raises(ValueError, match="order must be 1 or 2"):
-        sample_dpmsolver_pp(MODEL, z, SCHEDULE, 5, order=3)
-    assert set(METHODS) == {"ddpm", "ddim", "dpmsolver++"}
+    with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
+        sample_dpmsolver_pp(MODEL, z, SCHEDULE, 5, order=4)
+    assert set(METHODS) == {"ddpm", "ddim", "dpmsolver++", "unipc"}

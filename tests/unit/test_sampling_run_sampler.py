@@ -12,6 +12,7 @@ from diffusion_core.sampling import (
     sample_ddim,
     sample_ddpm,
     sample_dpmsolver_pp,
+    sample_unipc,
     timesteps_for,
 )
 from diffusion_core.sampling.steps import ddim_step, ddpm_step, dpmsolver_pp_step, predict_x
@@ -44,6 +45,9 @@ def _learned(z_t, t):
         ("ddim", sample_ddim, {"eta": 0.7}),
         ("dpmsolver++", sample_dpmsolver_pp, {"order": 1}),
         ("dpmsolver++", sample_dpmsolver_pp, {"clip_x": 1.0}),
+        ("dpmsolver++", sample_dpmsolver_pp, {"order": 3}),
+        ("unipc", sample_unipc, {}),
+        ("unipc", sample_unipc, {"order": 3, "spacing": "logsnr"}),
     ],
 )
 def test_run_sampler_is_the_sample_functions(method, face, options):
@@ -54,7 +58,7 @@ def test_run_sampler_is_the_sample_functions(method, face, options):
 
 def test_run_sampler_takes_what_a_cascade_stage_passes():
     """Learned variance for ddpm, clipping, a progress bar, model kwargs, a generator everywhere."""
-    for method in ("ddpm", "ddim", "dpmsolver++"):
+    for method in ("ddpm", "ddim", "dpmsolver++", "unipc"):
         variance = "learned" if method == "ddpm" else "posterior"
         x = run_sampler(
             _learned, _z(), SCHEDULE, method=method, steps=4, variance=variance, clip_x=1.0,
@@ -91,8 +95,13 @@ def test_run_sampler_default_steps_and_spacing():
             dict(method="ddim", variance="learned"),
             "variance='learned' only applies to method='ddpm'",
         ),
-        (dict(method="ddim", order=1), "order=1 only applies to method='dpmsolver\\+\\+'"),
-        (dict(method="dpmsolver++", order=3), "order must be 1 or 2, got 3"),
+        (
+            dict(method="ddim", order=1),
+            "order=1 only applies to method='dpmsolver\\+\\+' or 'unipc'",
+        ),
+        (dict(method="dpmsolver++", order=4), "order must be 1, 2 or 3, got 4"),
+        (dict(method="unipc", order=0), "order must be 1, 2 or 3, got 0"),
+        (dict(method="ddim", spacing="karras", steps=5, timesteps=None), None),
         (dict(method="ddim", steps=0), r"steps must lie in \[1, T=1000\], got 0"),
         (dict(method="ddim", steps=4, timesteps=[0, 9]), "either steps or timesteps"),
         (dict(method="ddim", spacing="cubic"), "unknown spacing 'cubic'"),
@@ -100,6 +109,9 @@ def test_run_sampler_default_steps_and_spacing():
     ],
 )
 def test_run_sampler_checks_its_arguments(kwargs, match):
+    if match is None:  # a valid combination, for contrast
+        run_sampler(MODEL, _z(), SCHEDULE, **({"steps": 5} | kwargs))
+        return
     with pytest.raises(ValueError, match=match):
         run_sampler(MODEL, _z(), SCHEDULE, **({"steps": 5} | kwargs))
 
