@@ -52,6 +52,7 @@ __all__ = [
     "LossType",
     "Parameterization",
     "elbo_eps_weight",
+    "min_snr_weight",
     "eps_model",
     "model_output_to_eps",
     "model_output_to_x0",
@@ -88,6 +89,26 @@ def elbo_eps_weight(schedule: NoiseSchedule, sigma: str = "posterior") -> Tensor
     return schedule.betas**2 / ((1.0 - schedule.alpha_bar) * schedule.alphas * 2.0 * sigma2)
 
 
+def min_snr_weight(schedule: NoiseSchedule, gamma: float, parameterization: Parameterization | str) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023) per timestep, a float64 tensor of length T.
+
+    With SNR_t = alpha_bar_t / (1 - alpha_bar_t) (eq. 18.8), the x-error is weighted by
+    min(SNR_t, gamma): each parameterisation's squared error is an x-error times a known factor
+    (eps: SNR_t, v: SNR_t + 1, x0: 1), so its weight is min(SNR_t, gamma) divided by that factor.
+    Low-noise steps, where the x-error is tiny and easy, no longer dominate the gradient.
+    """
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    p = parse_enum(Parameterization, parameterization, "parameterization")
+    snr = schedule.snr
+    clipped = snr.clamp(max=gamma)
+    if p is Parameterization.EPS:
+        return clipped / snr
+    if p is Parameterization.V:
+        return clipped / (snr + 1.0)
+    return clipped
+
+
 def _target(p: Parameterization, x: Tensor, t: Tensor, noise: Tensor, schedule: NoiseSchedule) -> Tensor:
     if p is Parameterization.EPS:
         return noise
@@ -109,6 +130,7 @@ def training_losses(
     vlb_weight: float = 0.001,
     sigma: str = "posterior",
     decoder: Decoder = "discretized",
+    snr_gamma: float | None = None,
 ) -> dict[str, Tensor]:
     """Per-example training losses at timesteps t (a LongTensor [B]) for data x [B, ...].
 
@@ -116,7 +138,8 @@ def training_losses(
     unweighted squared error behind it), both [B]; ``hybrid`` adds ``vlb`` (the term L_t in
     bits/dim with a stopped-gradient mean). ``sigma`` is the fixed variance of ``elbo_weighted``
     and ``mean_matching``; ``decoder`` the likelihood of the hybrid's t=0 term (``"discretized"``
-    for 8-bit images in [-1, 1], ``"gaussian"`` for continuous data).
+    for 8-bit images in [-1, 1], ``"gaussian"`` for continuous data). ``snr_gamma`` weights
+    ``eps_simple``'s loss by :func:`min_snr_weight` (``mse`` stays unweighted); None: unweighted.
     """
     kind = parse_enum(LossType, loss_type, "loss_type")
     p = parse_enum(Parameterization, parameterization, "parameterization")
@@ -129,9 +152,14 @@ def training_losses(
     output = model(z_t, t, **(model_kwargs or {}))
     prediction, v = split_model_output(output, x, learned_variance=kind is LossType.HYBRID)
 
+    if snr_gamma is not None and kind is not LossType.EPS_SIMPLE:
+        raise ValueError(f"snr_gamma weights the eps_simple loss only, not {kind.value!r}")
     if kind is LossType.EPS_SIMPLE:
         mse = mean_flat((prediction - _target(p, x, t, noise, schedule)) ** 2)
-        return {"loss": mse, "mse": mse}
+        if snr_gamma is None:
+            return {"loss": mse, "mse": mse}
+        weight = extract(min_snr_weight(schedule, snr_gamma, p), t, mse)
+        return {"loss": weight * mse, "mse": mse}
 
     if kind is LossType.ELBO_WEIGHTED:
         eps = model_output_to_eps(prediction, z_t, t, schedule, p)

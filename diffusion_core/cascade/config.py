@@ -30,6 +30,9 @@ class StageConfig(BaseModel):
     schedule: ScheduleConfig = ScheduleConfig(kind="cosine", T=1000)
     parameterization: Literal["eps", "x0", "v"] = "eps"
     loss_type: Literal["eps_simple", "elbo_weighted", "mean_matching", "hybrid"] = "eps_simple"
+    snr_gamma: float | None = Field(
+        None, gt=0.0, description="min-SNR-gamma loss weighting (eps_simple only); None: off"
+    )
     cond_drop_prob: float = Field(
         0.1, ge=0.0, le=1.0, description="probability of the null condition in training (CFG)"
     )
@@ -50,6 +53,11 @@ class StageConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
+        if self.snr_gamma is not None and self.loss_type != "eps_simple":
+            raise ValueError(
+                f"stage {self.name!r}: snr_gamma weights loss_type='eps_simple' only "
+                f"(got loss_type={self.loss_type!r}); unset snr_gamma or change the loss"
+            )
         if (self.loss_type == "hybrid") != self.network.learn_sigma:
             raise ValueError(
                 f"stage {self.name!r}: loss_type='hybrid' and network.learn_sigma=True go together"

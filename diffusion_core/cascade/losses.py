@@ -85,5 +85,6 @@ def stage_losses(
         parameterization=cfg.parameterization,
         noise=noise,
         model_kwargs=kwargs,
+        snr_gamma=cfg.snr_gamma,
     )
 

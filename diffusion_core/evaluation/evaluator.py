@@ -301,7 +301,11 @@ def _faithfulness(
     seconds: dict[str, float],
 ) -> list[bool] | None:
     """The shapes checker on every sample (and, for reference, on the held-out images)."""
-    from diffusion_core.evaluation.faithfulness import check_caption, is_shapes_caption
+    from diffusion_core.evaluation.faithfulness import (
+        CHECKER_VERSION,
+        check_caption,
+        is_shapes_caption,
+    )
 
     if not is_shapes_caption(captions):
         details["faithfulness"] = (
@@ -312,6 +316,7 @@ def _faithfulness(
     checks = [check_caption(img, c) for img, c in zip(samples.numpy(), captions, strict=True)]
     real_ok = [check_caption(img, c).match for img, c in zip(real.numpy(), captions, strict=True)]
     metrics["faithfulness"] = sum(c.match for c in checks) / len(checks)
+    details["faithfulness_checker"] = CHECKER_VERSION  # scores of different versions differ
     details["faithfulness_real"] = sum(real_ok) / len(real_ok)
     details["faithfulness_rows"] = [
         {"key": k, "caption": c, "match": r.match, "reason": r.reason}

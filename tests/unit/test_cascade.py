@@ -104,6 +104,7 @@ def test_configs_serialise_and_validate():
         ),
         (lambda: CascadeConfig(stages=(base_config(),), text_encoder=None), "text_encoder is None"),
         (lambda: base_config(name="a/b"), "pattern"),
+        (lambda: base_config(snr_gamma=5.0, loss_type="elbo_weighted"), "snr_gamma weights"),
     ],
 )
 def test_config_errors(build, message):
@@ -140,6 +141,38 @@ def test_stage_losses_for_base_and_super_resolution(kw):
         losses = stage_losses(stage, batch, generator=torch.Generator().manual_seed(0))
         assert losses["loss"].shape == (3,)
         assert torch.isfinite(losses["loss"]).all()
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_min_snr_gamma_weights_a_stage_loss_by_the_timestep(parameterization):
+    # same draws with and without the weighting: loss = weight[t] * mse, the mse unchanged
+    from diffusion_core.objectives import min_snr_weight
+
+    plain = tiny_cascade(parameterization=parameterization)
+    weighted = tiny_cascade(parameterization=parameterization, snr_gamma=2.0)
+    batch = batch_for(plain, random_images(6), ["a red cat"] * 6)
+    for a, b in zip(plain, weighted, strict=True):
+        la = stage_losses(a, batch, generator=torch.Generator().manual_seed(3))
+        lb = stage_losses(b, batch, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(la["mse"], lb["mse"])
+        t = _drawn_timesteps(a, batch, seed=3)
+        w = min_snr_weight(b.schedule, 2.0, parameterization)[t].float()
+        torch.testing.assert_close(lb["loss"], w * la["mse"])
+        assert not torch.allclose(lb["loss"], la["loss"])
+
+
+def _drawn_timesteps(stage: Stage, batch: dict, seed: int) -> torch.Tensor:
+    """The t that :func:`stage_losses` draws for this batch and seed (records the network's
+    inputs)."""
+    seen = {}
+    net = stage.network
+
+    def spy(z_t, t, **kw):
+        seen["t"] = t
+        return net(z_t, t, **kw)
+
+    stage_losses(stage, batch, model=spy, generator=torch.Generator().manual_seed(seed))
+    return seen["t"]
 
 
 def test_condition_dropout_replaces_the_condition_in_training():

@@ -17,6 +17,7 @@ from diffusion_core.objectives import (
     Parameterization,
     elbo_eps_weight,
     eps_model,
+    min_snr_weight,
     model_output_to_eps,
     model_output_to_x0,
     sample_timesteps,
@@ -128,6 +129,37 @@ def test_elbo_weighted_is_eps_simple_times_the_eq_18_38_weight(sigma):
     weight = beta**2 / ((1 - ab) * (1 - beta) * 2 * sigma2)
     torch.testing.assert_close(elbo_eps_weight(SCHEDULE, sigma), weight, rtol=1e-12, atol=0)
     torch.testing.assert_close(weighted, weight[t] * simple, rtol=1e-10, atol=0)
+
+
+def test_min_snr_weights_by_hand():
+    # linear schedule, T = 1000: alpha_bar_t = prod_{s<=t} (1 - beta_s), beta from 1e-4 to 0.02
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=F64)
+    ab = torch.cumprod(1 - betas, 0)
+    for t in (0, 10, 250, 999):
+        snr = float(ab[t] / (1 - ab[t]))
+        w = {"eps": min(snr, 5.0) / snr, "v": min(snr, 5.0) / (snr + 1), "x0": min(snr, 5.0)}
+        for p, want in w.items():
+            assert math.isclose(float(min_snr_weight(SCHEDULE, 5.0, p)[t]), want, rel_tol=1e-12)
+    # at t = 0 the SNR is ~1e4: eps-prediction's weight is gamma / SNR, far below 1
+    assert float(min_snr_weight(SCHEDULE, 5.0, "eps")[0]) < 1e-3
+    assert float(min_snr_weight(SCHEDULE, 5.0, "eps")[999]) == 1.0  # SNR < gamma: unweighted
+
+
+@pytest.mark.parametrize("parameterization", list(Parameterization))
+def test_min_snr_loss_is_the_clipped_snr_times_the_x_error(parameterization):
+    # every parameterisation's weighted loss is min(SNR, gamma) ||x_hat - x||^2 (Hang et al.)
+    x, t, noise = _batch(5)
+    net = Net()
+    out = training_losses(net, x, t, SCHEDULE, parameterization=parameterization, noise=noise,
+                          snr_gamma=5.0)
+    z_t = SCHEDULE.q_sample(x, t, noise)
+    x_hat = model_output_to_x0(net(z_t, t), z_t, t, SCHEDULE, parameterization)
+    want = SCHEDULE.snr[t].clamp(max=5.0) * ((x_hat - x) ** 2).mean(dim=1)
+    torch.testing.assert_close(out["loss"], want, rtol=1e-8, atol=1e-12)
+    plain = training_losses(net, x, t, SCHEDULE, parameterization=parameterization, noise=noise)
+    torch.testing.assert_close(out["mse"], plain["mse"])
+    with pytest.raises(ValueError, match="eps_simple loss only"):
+        training_losses(net, x, t, SCHEDULE, loss_type="elbo_weighted", snr_gamma=5.0)
 
 
 @pytest.mark.parametrize("parameterization", list(Parameterization))
