@@ -106,23 +106,9 @@ class _progress_bar:
     """One rich progress bar per part of the evaluation (sample, features, nll <stage>, ...)."""
 
     def __init__(self, console: Any):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from diffusion_core.progress import progress_bar
 
-        self.progress = Progress(
-            TextColumn("[bold]evaluate[/bold] {task.description:<20}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        )
+        self.progress = progress_bar(console, "evaluate")
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self):

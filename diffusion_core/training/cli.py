@@ -105,23 +105,10 @@ class _progress_bar:
     """A rich progress bar fed by the driver's progress callback (steps, loss, img/s)."""
 
     def __init__(self, console: Any):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from diffusion_core.progress import progress_bar
 
-        self.progress = Progress(
-            TextColumn("[bold]train[/bold] {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[img_s]:.0f} img/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
+        self.progress = progress_bar(
+            console, "train", "loss {task.fields[loss]:.4f}  {task.fields[img_s]:.0f} img/s"
         )
         self.task: Any = None
 
