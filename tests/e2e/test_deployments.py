@@ -122,6 +122,14 @@ def test_deploy_all_then_run_the_nightly_retrain_twice(services, deployed):
     shutil.rmtree(root / "data" / "work" / "models", ignore_errors=True)
 
 
+def _registered_checkpoint(run_dir: Path) -> bool:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return "checkpoint_0" in snapshot.read_text()
+    except OSError:
+        return False
+
+
 def _client(svc: Services):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -171,7 +179,8 @@ def test_a_killed_worker_crashes_the_run_and_a_new_run_resumes_from_checkpoints(
         checkpointed = None
         while checkpointed is None and time.monotonic() < deadline:
             new = [p for p in runs.iterdir() if p.name not in before and p.is_dir()]
-            checkpointed = next((p for p in new if any(p.glob("checkpoint_*"))), None)
+            # a checkpoint Ray Train has registered (its snapshot), not only a folder being written
+            checkpointed = next((p for p in new if _registered_checkpoint(p)), None)
             time.sleep(1)
         assert checkpointed is not None, "no checkpoint written in time"
         assert not (checkpointed / "summary.json").exists(), "finished before the kill"
