@@ -14,8 +14,11 @@
   ``.partial``). On an object store the bytes are spooled to a local temporary file and sent in
   one upload on commit: an object appears whole (a single PUT, or a multipart upload, which is
   only visible once completed) or not at all, and nothing ``.partial`` is ever visible there.
-- :func:`exists`, :func:`read_bytes`, :func:`read_json`, :func:`listdir`, :func:`remove`,
-  :func:`append_bytes`, :func:`download`, :func:`upload_dir`: on a local disk or an object store.
+- :func:`exists`, :func:`read_bytes`, :func:`read_json`, :func:`listdir`, :func:`list_entries`,
+  :func:`remove`, :func:`append_bytes`, :func:`download`, :func:`upload_dir`: on a local disk or
+  an object store.
+- :func:`safe_relpath` / :func:`local_target`: an object key made a local path only if it
+  cannot leave the target folder (no ``..``, no absolute name); ``download`` checks every key.
 - :func:`redact`: a URI fit for logs, params, tags and job metadata (no password, no token).
 """
 
@@ -171,6 +174,33 @@ def listdir(uri: str | os.PathLike[str]) -> list[str]:
     return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
 
 
+_TOKEN_KEYS = (
+    "ETag", "etag", "md5Hash", "crc32c", "LastModified", "last_modified", "mtime", "created",
+)  # fmt: skip
+
+
+def list_entries(uri: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """What lies directly under a folder or prefix (empty if nothing): one dict per entry,
+    sorted by name, with ``name`` (the last part of the key, as stored: not checked),
+    ``type`` (``file`` or ``directory``), ``size`` and ``token``, a change marker of the file
+    when the filesystem gives one (an S3 ETag, a GCS md5, else a modification time; None if
+    none): what a cache keys a remote file by before reading it."""
+    fs, path = filesystem(uri)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    out: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if not name or str(e["name"]).rstrip("/") == path.rstrip("/"):
+            continue
+        token = next((str(e[k]) for k in _TOKEN_KEYS if e.get(k) not in (None, "")), None)
+        kind = "file" if e.get("type") == "file" else "directory"
+        out[name] = {"name": name, "type": kind, "size": int(e.get("size") or 0), "token": token}
+    return [out[n] for n in sorted(out)]
+
+
 def remove(uri: str | os.PathLike[str], *, missing_ok: bool = True) -> None:
     fs, path = filesystem(uri)
     try:
@@ -185,9 +215,47 @@ def size(uri: str | os.PathLike[str]) -> int:
     return int(fs.size(path))
 
 
+def safe_relpath(rel: str) -> str:
+    """``rel`` if it is a plain relative path (``a/b/c``) that cannot leave the folder it is
+    joined to; ``ValueError`` saying why otherwise (absolute, ``..``, ``.``, empty parts,
+    backslashes, NUL). For names that come from an object store or a file someone else wrote:
+    an object key ``stages/../../x`` must not become a local path outside the target folder."""
+    text = str(rel)
+    why = None
+    if not text:
+        why = "it is empty"
+    elif "\x00" in text:
+        why = "it contains a NUL byte"
+    elif "\\" in text:
+        why = "it contains a backslash"
+    elif text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        why = "it is absolute"
+    elif any(part in ("", ".", "..") for part in text.split("/")):
+        why = "it has an empty, '.' or '..' component"
+    if why:
+        raise ValueError(f"refusing the object name {text!r}: {why} (it could escape the folder)")
+    return text
+
+
+def local_target(root: str | os.PathLike[str], rel: str) -> Path:
+    """``root/rel`` for a name checked with :func:`safe_relpath`, verified to lie inside
+    ``root`` once resolved (a symlink in ``root`` cannot redirect it either)."""
+    base = Path(root).resolve()
+    target = (base / safe_relpath(rel)).resolve()
+    if not target.is_relative_to(base):
+        raise ValueError(f"refusing the object name {rel!r}: it resolves outside {base}")
+    return target
+
+
 def download(uri: str, local: str | os.PathLike[str]) -> Path:
-    """A copy of the folder (or file) ``uri`` at ``local``; a local ``uri`` is copied too."""
+    """A copy of the folder (or file) ``uri`` at ``local``; a local ``uri`` is copied too.
+    Refuses (``ValueError``) a folder holding a key that would land outside ``local``."""
     fs, path = filesystem(uri)
+    if fs.isdir(path):
+        base = path.rstrip("/") + "/"
+        for found in fs.find(path):
+            if found.startswith(base):
+                safe_relpath(found[len(base) :])
     fs.get(path.rstrip("/") + ("/" if fs.isdir(path) else ""), str(local), recursive=True)
     return Path(local)
 

@@ -54,7 +54,14 @@ from diffusion_core.batch.shards import (
 )
 from diffusion_core.batch.worker import RESULT_SCHEMA, CascadeSampler
 from diffusion_core.errors import JobError
-from diffusion_core.storage import exists, open_file, read_json, redact, write_json_atomic
+from diffusion_core.storage import (
+    exists,
+    open_file,
+    read_json,
+    redact,
+    strip_credentials,
+    write_json_atomic,
+)
 
 JOB_JSON = "job.json"
 SUMMARY_JSON = "summary.json"
@@ -143,7 +150,15 @@ def run_batch(
     cfg: BatchConfig, *, progress: Callable[[str, int, int | None], None] | None = None
 ) -> BatchResult:
     """Run the job (see the module docstring). ``progress(stage, done, total)`` is called as it
-    goes. Raises :class:`BatchError`; bad prompt rows are not errors (``rejected.jsonl``)."""
+    goes. Raises :class:`BatchError`; bad prompt rows are not errors (``rejected.jsonl``).
+
+    With ``RAY_ADDRESS=http://...`` (a Ray Jobs API) the job is submitted there and runs this
+    function on the cluster (:mod:`diffusion_core.ray_jobs`; local paths must be on a filesystem
+    the cluster shares); its result is returned and ``progress`` gets the job's progress."""
+    from diffusion_core.ray_jobs import submission_address
+
+    if submission_address():
+        return _submit(cfg, progress)
     t0 = time.perf_counter()
     for f in cfg.prompts:
         if not exists(f):
@@ -177,10 +192,11 @@ def run_batch(
             return done
     write_json_atomic(output.uri(JOB_JSON), identity)
 
-    from diffusion_core.ray_env import ensure_ray
+    from diffusion_core.ray_env import ensure_ray, worker_env_vars
 
     ensure_ray()
-    remote_args = {"runtime_env": {"env_vars": env}} if (env := worker_env(cfg.out)) else {}
+    env = worker_env_vars(worker_env(cfg.out))  # credentials only where not inherited
+    remote_args = {"runtime_env": {"env_vars": env}} if env else {}
     done_shards = existing_shards(output) if cfg.format == "webdataset" else set()
     plan = _plan(cfg, output, progress, remote_args, done_shards)
     if plan["accepted"] == 0:
@@ -215,6 +231,52 @@ def run_batch(
     output.remove_tree(PLAN_DIR)
     output.remove_tree(STAGING_DIR)
     return result
+
+
+def _submit(
+    cfg: BatchConfig, progress: Callable[[str, int, int | None], None] | None
+) -> BatchResult:
+    """Run the job as a Ray job at ``$RAY_ADDRESS`` (see :func:`run_batch`). The request is job
+    metadata (the dashboard shows it): the registry URI goes without credentials, which the
+    cluster's environment provides (``MLFLOW_TRACKING_USERNAME/PASSWORD``)."""
+    from diffusion_core.ray_jobs import submit_kind
+
+    tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    local_model = not (cfg.model.startswith("models:") or "://" in cfg.model)
+    update: dict[str, Any] = {
+        "tracking_uri": strip_credentials(cfg.tracking_uri)[0] if cfg.tracking_uri else None
+    }
+    if local_model:
+        update["model"] = os.path.abspath(os.path.expanduser(cfg.model))
+    request = {"config": cfg.model_copy(update=update).model_dump(mode="json")}
+
+    def on_event(e: dict[str, Any]) -> None:
+        if progress is not None:
+            progress(e["stage"], e["done"], e["total"])
+
+    result = submit_kind(
+        "sample",
+        request,
+        name=cfg.out.rstrip("/").rsplit("/", 1)[-1] or "samples",
+        tracking_uri=tracking_uri,
+        error=BatchError,
+        on_progress=on_event,
+    )
+    return BatchResult(**result)
+
+
+def run_job(request: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The batch job on the cluster (``python -m diffusion_core.ray_jobs sample ...``)."""
+    cfg = BatchConfig.model_validate(request["config"])
+    last = [0.0]
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or done == total:  # at most a line a second in the job's log
+            last[0] = now
+            emit({"stage": stage, "done": done, "total": total})
+
+    return asdict(run_batch(cfg, progress=progress))
 
 
 def _completed(output: Output) -> BatchResult | None:

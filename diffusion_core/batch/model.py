@@ -3,7 +3,10 @@
 ``models:/name@alias`` is resolved to ``models:/name/<version>`` at the start of the job and the
 job uses that version throughout: a champion moved while the job runs does not mix two models in
 one output. The version's artifacts are downloaded once into the output folder
-(``.model/<name>-v<version>/``) and every actor loads the cascade from there.
+(``.model/<name>-v<version>/``) and every actor loads the cascade from there. A cascade folder
+on an object store (``s3://bucket/cascade``) is fetched the same way, once, into
+``.model/cascades/<identity>/`` (:func:`diffusion_core.cascade.fetch.local_cascade`: verified,
+atomic, reused while the export is unchanged).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from diffusion_core.cascade.config import CASCADE_JSON
-from diffusion_core.storage import redact
+from diffusion_core.storage import is_uri, redact
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -68,10 +71,21 @@ def resolve_model(
     the registry (default: ``$MLFLOW_TRACKING_URI`` / MLflow's own default)."""
     m = _MODELS_URI.match(model)
     if m is None:
-        if "://" in model or model.startswith("models:"):
+        if model.startswith("models:"):
             raise ModelError(
                 f"model {model!r}: give a cascade folder or models:/NAME@ALIAS or models:/NAME/N"
             )
+        if is_uri(model):  # a cascade folder on an object store: fetched into the cache
+            from diffusion_core.cascade.fetch import local_cascade
+
+            try:
+                local = local_cascade(model, cache_dir=Path(download_root) / "cascades")
+            except (FileNotFoundError, ValueError) as e:
+                raise ModelError(f"model {redact(model)!r}: {e}") from None
+            except OSError as e:  # unreachable store, wrong credentials
+                where = f"{redact(model)}: {type(e).__name__}: {e}"
+                raise ModelError(f"cannot read the model {where}") from None
+            return ResolvedModel(uri=model, requested=model, local_dir=str(local))
         path = Path(model).expanduser().resolve()
         if not path.is_dir():
             raise ModelError(f"model folder {model!r} does not exist")

@@ -17,8 +17,9 @@ from diffusion_core import storage
 
 def worker_env(root: str) -> dict[str, str]:
     """The object-storage variables of this process, for the tasks and actors of a job writing
-    to ``root`` (none for a local folder): a local Ray's workers keep the environment of the
-    moment Ray started. They travel in the workers' runtime env, never in job metadata."""
+    to ``root`` (none for a local folder): the candidates for the workers' runtime env, of which
+    :func:`diffusion_core.ray_env.worker_env_vars` keeps the credentials only where the workers
+    do not inherit them. Never in job metadata."""
     return storage.storage_env() if storage.is_uri(root) else {}
 
 

@@ -9,6 +9,10 @@ Layout on disk (no pickle)::
     <dir>/cascade.json                      CascadeConfig (stage configs, text encoder id)
     <dir>/stages/<name>/model.safetensors   weights of each stage's network
     <dir>/stages/<name>/config.json         its UNetConfig (checked against cascade.json)
+    <dir>/training.json, exports/<name>.json  lineage, per-stage export records (the export's;
+                                            not part of the model, not read by load)
+
+``<dir>`` may be an object-store URI: :mod:`diffusion_core.cascade.fetch` makes it local.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 
 from diffusion_core.cascade.config import CASCADE_JSON, TEXT_KEYS, CascadeConfig, Sampler
+from diffusion_core.cascade.fetch import folder_files, folder_hash, local_cascade
 from diffusion_core.cascade.images import model_to_images
 from diffusion_core.cascade.stage import Stage
 from diffusion_core.nn import load_network, save_network
@@ -258,9 +263,18 @@ class Cascade:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> Cascade:
-        """Load a cascade written by :meth:`save` (no pickle); configs are cross-checked."""
-        directory = Path(directory)
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        cache_dir: str | Path | None = None,
+    ) -> Cascade:
+        """Load a cascade written by :meth:`save` or the export (no pickle); configs are
+        cross-checked. ``directory`` may be a URI (``s3://bucket/cascade``): it is fetched into
+        a verified local cache first (:func:`diffusion_core.cascade.fetch.local_cascade`;
+        ``cache_dir`` default ``$CASCADE_MODEL_CACHE``, else ~/.cache/cascade-diffusion/cascades)."""
+        directory = local_cascade(directory, cache_dir=cache_dir)
         path = directory / CASCADE_JSON
         if not path.is_file():
             raise FileNotFoundError(f"no {CASCADE_JSON} in {directory}: not a saved cascade")
@@ -277,40 +291,12 @@ class Cascade:
 def cascade_files(directory: str | Path) -> list[str]:
     """The files of a cascade folder that :meth:`Cascade.load` reads, relative and sorted:
     ``cascade.json`` and ``stages/<name>/*`` of every stage it lists (``ValueError`` if any is
-    missing)."""
-    root = Path(directory)
-    path = root / CASCADE_JSON
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{root} has no {CASCADE_JSON}: not a cascade folder (train the stages with "
-            "`cascade train --export DIR` or save one with Cascade.save)"
-        )
-    try:
-        config = CascadeConfig.model_validate_json(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not a valid cascade config: {e}") from e
-    files = [CASCADE_JSON]
-    for stage in config.stages:
-        folder = root / "stages" / stage.name
-        found = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
-        if not found:
-            raise FileNotFoundError(f"stage {stage.name!r} of {root} has no files in {folder}")
-        files += [p.relative_to(root).as_posix() for p in found]
-    return files
+    missing). A URI is fetched first (:func:`~diffusion_core.cascade.fetch.local_cascade`)."""
+    return folder_files(local_cascade(directory))
 
 
 def content_hash(directory: str | Path) -> str:
     """sha256 over the (path, sha256) of every file :func:`cascade_files` lists: names the
     weights and configs, not where they lie or when they were exported (the registry's identity
-    of a cascade, and what an evaluation report records)."""
-    import hashlib
-
-    root = Path(directory)
-    outer = hashlib.sha256()
-    for rel in cascade_files(root):
-        inner = hashlib.sha256()
-        with open(root / rel, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                inner.update(block)
-        outer.update(f"{rel}\t{inner.hexdigest()}\n".encode())
-    return outer.hexdigest()
+    of a cascade, and what an evaluation report records). A URI is fetched first."""
+    return folder_hash(local_cascade(directory))

@@ -59,7 +59,8 @@ from diffusion_core.data.safety import DEFAULT_MAX_FILE_BYTES, ReadPolicy
 from diffusion_core.data.sources import SourceError, plan, read_unit
 from diffusion_core.data.tario import DeterministicTarWriter
 from diffusion_core.errors import JobError
-from diffusion_core.ray_env import ensure_ray
+from diffusion_core.ray_env import ensure_ray, worker_env_vars
+from diffusion_core.ray_jobs import submission_address
 from diffusion_core.storage import (
     PARTIAL_SUFFIX,
     AtomicFile,
@@ -69,6 +70,7 @@ from diffusion_core.storage import (
     join,
     listdir,
     makedirs,
+    redact,
     remove,
     size,
     storage_env,
@@ -602,12 +604,13 @@ def _iter_local(units: list[dict[str, Any]], cfg: IngestConfig, single_thread: b
 
 
 def _remote_source_env(cfg: IngestConfig) -> dict[str, Any]:
-    """Read tasks of object-store sources get this process's endpoint and credentials in their
-    environment (a Ray started before they were set would not have them)."""
-    env = storage_env()
-    if not env or not any(is_uri(s) for s in cfg.sources):
+    """Read tasks of object-store sources get this process's endpoint, and its credentials where
+    they do not inherit them (:func:`diffusion_core.ray_env.worker_env_vars`: a Ray started
+    before they were set, a driver attached from outside the cluster)."""
+    if not any(is_uri(s) for s in cfg.sources):
         return {}
-    return {"runtime_env": {"env_vars": env}}
+    env = worker_env_vars(storage_env())
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _iter_ray(units: list[dict[str, Any]], cfg: IngestConfig) -> Iterator[pa.Table]:
@@ -659,9 +662,16 @@ def ingest(
 ) -> IngestResult:
     """Run the ingest. ``engine="ray"`` (the Ray Data job) or ``"local"`` (one process, the same
     stages in a loop; for benchmarks and debugging). Raises :class:`IngestError` on failure;
-    bad inputs are not failures, they are counted and listed in ``rejected.jsonl``."""
+    bad inputs are not failures, they are counted and listed in ``rejected.jsonl``.
+
+    With ``RAY_ADDRESS=http://...`` (a Ray Jobs API) and ``engine="ray"``, the ingest is
+    submitted as a Ray job that runs this function on the cluster (:mod:`diffusion_core.
+    ray_jobs`; local paths must be on a filesystem the cluster shares) and its result returned;
+    ``progress`` gets the job's progress."""
     import time
 
+    if engine == "ray" and submission_address():
+        return _submit(cfg, progress)
     t0 = time.perf_counter()
     _check_out(cfg)
     refuse_existing_dataset(cfg)  # before any work: cheap, and the most likely mistake
@@ -708,6 +718,45 @@ def ingest(
         eval=manifest["split"]["eval"],
         eval_shards=manifest["eval_shards"],
     )
+
+
+def _for_cluster(cfg: IngestConfig) -> IngestConfig:
+    """The config with local paths made absolute (the job runs in another directory); a URL
+    with credentials in it is refused (the request is job metadata, shown by the dashboard)."""
+    for s in cfg.sources:
+        if redact(s) != s:
+            raise IngestError(
+                f"source {redact(s)!r}: put credentials in the cluster's environment, not the URL"
+            )
+
+    def local_abs(p: str) -> str:
+        return p if is_uri(p) else os.path.abspath(p.removeprefix("file://"))
+
+    return cfg.model_copy(
+        update={"sources": [local_abs(s) for s in cfg.sources], "out": local_abs(cfg.out)}
+    )
+
+
+def _submit(cfg: IngestConfig, progress: Callable[[IngestProgress], None] | None) -> IngestResult:
+    """Run the ingest as a Ray job at ``$RAY_ADDRESS`` (see :func:`ingest`)."""
+    from diffusion_core.ray_jobs import submit_kind
+
+    cfg = _for_cluster(cfg)
+    result = submit_kind(
+        "ingest",
+        {"config": cfg.model_dump(mode="json")},
+        name=os.path.basename(cfg.out.rstrip("/")) or "dataset",
+        tracking_uri=None,
+        error=IngestError,
+        on_progress=None if progress is None else (lambda e: progress(IngestProgress(**e))),
+    )
+    return IngestResult(**result)
+
+
+def run_job(request: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The ingest job on the cluster (``python -m diffusion_core.ray_jobs ingest ...``)."""
+    cfg = IngestConfig.model_validate(request["config"])
+    return asdict(ingest(cfg, progress=lambda p: emit(asdict(p))))
 
 
 def verify(out: str) -> dict[str, Any]:

@@ -12,8 +12,11 @@ import typer
 
 
 def evaluate_command(
-    cascade: Path = typer.Option(
-        ..., "--cascade", help="Cascade folder (cascade.json + stages/), as training exports it."
+    cascade: str = typer.Option(
+        ...,
+        "--cascade",
+        help="Cascade folder (cascade.json + stages/), as training exports it; local or "
+        "s3://bucket/prefix (fetched into $CASCADE_MODEL_CACHE).",
     ),
     data: Path = typer.Option(
         ...,

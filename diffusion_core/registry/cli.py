@@ -24,10 +24,11 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def register_command(
-    cascade: Path = typer.Option(
+    cascade: str = typer.Option(
         ...,
         "--cascade",
-        help="Cascade folder (cascade.json + stages/, as `cascade train` exports).",
+        help="Cascade folder (cascade.json + stages/, as `cascade train` exports), local or "
+        "s3://bucket/prefix (fetched into $CASCADE_MODEL_CACHE).",
     ),
     data: Path = typer.Option(
         ..., "--data", help="Dataset folder (manifest.json) the cascade is evaluated on."

@@ -44,10 +44,11 @@ from pydantic import BaseModel, Field
 
 from diffusion_core.cascade import CASCADE_JSON, CascadeConfig, cascade_files
 from diffusion_core.cascade import content_hash as cascade_content_hash
+from diffusion_core.cascade.fetch import local_cascade
 from diffusion_core.data.format import DatasetInfo, read_manifest
 from diffusion_core.evaluation.report import EvalReport, EvalSettings
 from diffusion_core.registry.gate import GateConfig, GateDecision, decide
-from diffusion_core.storage import absolute, redact, strip_credentials
+from diffusion_core.storage import absolute, is_uri, redact, strip_credentials
 from diffusion_core.training.export import TRAINING_JSON
 
 REGISTERED_MODEL = "cascade-diffusion"
@@ -380,7 +381,13 @@ def register(
     gate = gate or GateConfig()
     if not name or "'" in name or '"' in name:
         raise RegistryError(f"model name {name!r}: give a non-empty name without quotes")
-    cascade_dir = Path(cascade_dir).resolve()
+    source = str(cascade_dir)
+    try:  # a folder on an object store (s3://...) is fetched into the verified local cache
+        cascade_dir = local_cascade(cascade_dir).resolve()
+    except (ValueError, FileNotFoundError) as e:
+        raise RegistryError(str(e)) from e
+    if source != str(cascade_dir) and is_uri(source):
+        say("fetch", f"{redact(source)} is cached at {cascade_dir}")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     digest = content_hash(cascade_dir)

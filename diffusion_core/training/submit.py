@@ -17,26 +17,28 @@ by its dashboard and Jobs API, so none of them carries a secret: a tracking URI 
 (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, e.g. from a Kubernetes Secret) and
 the object store's (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL_S3``,
 :data:`diffusion_core.storage.S3_ENV`) for ``s3://`` data, storage and export paths.
+
+The generic part (runtime env, submission, log following, the result line) is
+:mod:`diffusion_core.ray_jobs`, shared with ingest and batch sampling; this module is training's
+request and result. A training job keeps running when the follower is interrupted (resume or
+follow it later); ingest and sampling jobs are stopped.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from diffusion_core.ray_env import source_root
-from diffusion_core.storage import absolute, strip_credentials
+from diffusion_core import ray_jobs
+from diffusion_core.ray_jobs import decode_request, encode_request  # noqa: F401 - the job's API
+from diffusion_core.storage import absolute
 from diffusion_core.training.config import TrainConfig
 from diffusion_core.training.runs import TrainingError, TrainResult, new_run_name
 
 RESULT_PREFIX = "CASCADE_TRAIN_RESULT "
-_EXCLUDES = [".git", ".venv", "out", "mlruns", "*.db", ".ci-state", "**/__pycache__", ".*_cache"]
+_EXCLUDES = ray_jobs.EXCLUDES
 
 
 def absolute_or_none(path: str | None) -> str | None:
@@ -67,40 +69,14 @@ def build_request(
     }
 
 
-def encode_request(request: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(request).encode()).decode()
-
-
-def decode_request(text: str) -> dict[str, Any]:
-    return json.loads(base64.urlsafe_b64decode(text.encode()))
-
-
 def build_runtime_env(
     config: TrainConfig | None, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Runtime env of the job: this checkout as working_dir, tracking URI and offline flags."""
-    env_vars = {
-        "CASCADE_IN_RAY_JOB": "1",
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-        "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE", "1"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None and config is not None:
         uri = config.resolved_tracking_uri()
-    if uri:  # never the credentials: the cluster has its own (MLFLOW_TRACKING_USERNAME/PASSWORD)
-        env_vars["MLFLOW_TRACKING_URI"] = strip_credentials(uri)[0]
-    runtime_env: dict[str, Any] = {"env_vars": env_vars}
-    root = source_root()
-    if root is not None:
-        runtime_env["working_dir"] = str(root)
-        runtime_env["excludes"] = list(_EXCLUDES)
-    for k, v in (extra or {}).items():
-        if k == "env_vars":
-            env_vars.update(v)
-        else:
-            runtime_env[k] = v
-    return runtime_env
+    return ray_jobs.build_runtime_env(uri, extra)
 
 
 def submit_train(
@@ -119,8 +95,6 @@ def submit_train(
 ) -> Any:
     """Submit the training job to the Ray Jobs API at ``address`` ($RAY_ADDRESS), follow its
     logs (each line to ``log``, default stderr) and return its TrainResult."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     address = address or os.environ["RAY_ADDRESS"]
     if resume is None and run_name is None:
         if config is None:
@@ -136,43 +110,16 @@ def submit_train(
         fault=fault,
     )
     name = resume or run_name
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=f"python -m diffusion_core.training.job {encode_request(request)}",
+    result_line = ray_jobs.submit_job(
+        f"python -m diffusion_core.training.job {encode_request(request)}",
         submission_id=f"train-{name}-{int(time.time())}",
         runtime_env=build_runtime_env(config, runtime_env),
         metadata={"run_name": str(name), "kind": "cascade-train"},
+        result_prefix=RESULT_PREFIX,
+        error=lambda message, **_: TrainingError(message),
+        address=address,
+        log=log,
+        timeout_s=timeout_s,
+        what=f"run {name}",
     )
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    log(f"submitted Ray job {job_id} to {address} (run {name})")
-    result_line = asyncio.run(_follow(client, job_id, log, timeout_s))
-    status = client.get_job_status(job_id)
-    if status != JobStatus.SUCCEEDED or result_line is None:
-        info = client.get_job_info(job_id)
-        tail = "\n".join(client.get_job_logs(job_id).splitlines()[-20:])
-        raise TrainingError(
-            f"Ray job {job_id} ended {status}: {info.message or ''}\n--- last log lines ---\n{tail}"
-        )
     return TrainResult.model_validate_json(result_line)
-
-
-async def _follow(
-    client: Any, job_id: str, log: Callable[[str], None], timeout_s: float | None
-) -> str | None:
-    """Stream the job's logs until it ends; return its result line (or None)."""
-    result: str | None = None
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    async for chunk in client.tail_job_logs(job_id):
-        for line in chunk.splitlines():
-            if line.startswith(RESULT_PREFIX):
-                result = line[len(RESULT_PREFIX) :]
-            else:
-                log(line)
-        if deadline is not None and time.monotonic() > deadline:
-            client.stop_job(job_id)
-            break
-    if result is None:  # the stream can end before the last chunk was delivered
-        for line in client.get_job_logs(job_id).splitlines():
-            if line.startswith(RESULT_PREFIX):
-                result = line[len(RESULT_PREFIX) :]
-    return result

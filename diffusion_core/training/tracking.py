@@ -53,7 +53,8 @@ def artifact_location(tracking_uri: str) -> str | None:
 def worker_env(tracking_uri: str) -> dict[str, str]:
     """Environment variables that let a worker log to ``tracking_uri`` (credentials apart) and
     reach the object store of the run (:func:`diffusion_core.storage.storage_env`: endpoint and
-    credentials exactly as this process has them)."""
+    credentials exactly as this process has them). The candidates for the workers' runtime env:
+    :func:`diffusion_core.ray_env.worker_env_vars` drops the credentials they inherit."""
     clean, user, password = strip_credentials(tracking_uri)
     env = {**storage_env(), "MLFLOW_TRACKING_URI": clean}
     user = user or os.environ.get("MLFLOW_TRACKING_USERNAME")

@@ -36,7 +36,8 @@ from diffusion_core.data.format import (
     read_manifest,
     verify_shards,
 )
-from diffusion_core.ray_env import ensure_ray, source_root
+from diffusion_core.ray_env import ensure_ray, source_root, worker_env_vars
+from diffusion_core.ray_jobs import submission_address
 from diffusion_core.storage import (
     absolute,
     exists,
@@ -101,14 +102,6 @@ def check_config(config: TrainConfig, data: str) -> DatasetInfo:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return info
-
-
-def submission_address() -> str | None:
-    """The Ray Jobs address when ``RAY_ADDRESS`` is a dashboard URL (and we are not the job)."""
-    addr = os.environ.get("RAY_ADDRESS", "")
-    if addr.startswith(("http://", "https://")) and not os.environ.get("CASCADE_IN_RAY_JOB"):
-        return addr
-    return None
 
 
 def train(
@@ -445,7 +438,8 @@ def _fit(
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep),
             failure_config=FailureConfig(max_failures=config.max_failures),
-            worker_runtime_env={"env_vars": env},
+            # credentials only where the workers do not inherit them (ray_env.worker_env_vars)
+            worker_runtime_env={"env_vars": worker_env_vars(env)},
         ),
     )
     if on_progress is None:

@@ -23,8 +23,8 @@ What ``up`` starts (each in its own process group, with a health check, a log an
   object manager listen on every interface, so this head always runs with token authentication
   (``RAY_AUTH_MODE=token``, the token generated into the state folder), with or without
   ``--auth``.
-  ``RAY_ADDRESS`` is the head's GCS (``ray.init`` refuses the Jobs API's http address, which is
-  ``RAY_API_SERVER_ADDRESS``).
+  ``RAY_ADDRESS`` is the head's GCS (drivers run here, attached to the head); the Jobs API's
+  http address is ``RAY_API_SERVER_ADDRESS`` (set ``RAY_ADDRESS`` to it to submit instead).
 
 State folder (default ``.services/``): ``services.json`` (ports, flags; no secrets),
 ``pids/<name>.json``, ``logs/<name>.log``, ``secrets/`` (0700; each file 0600, generated once and
@@ -418,11 +418,11 @@ class Services:
                 env["MLFLOW_TRACKING_PASSWORD"] = self.mlflow_password()
                 env["PREFECT_API_AUTH_STRING"] = self.prefect_auth_string()
         if self.config.ray:
-            # RAY_ADDRESS is the GCS, not the Jobs API: diffusion_core.ray_env.ensure_ray
-            # (ingest, sampling) hands it to ray.init, which refuses http:// addresses; here
-            # `cascade train` then runs its driver on this machine, connected to the head. The
-            # Jobs API is RAY_API_SERVER_ADDRESS (`ray job submit`, JobSubmissionClient);
-            # `RAY_ADDRESS=$RAY_API_SERVER_ADDRESS cascade train ...` submits through it.
+            # RAY_ADDRESS is the GCS, not the Jobs API: `cascade ingest|train|sample` then run
+            # their driver on this machine, connected to the head. The Jobs API is
+            # RAY_API_SERVER_ADDRESS (`ray job submit`, JobSubmissionClient);
+            # `RAY_ADDRESS=$RAY_API_SERVER_ADDRESS cascade train|ingest|sample ...` submits the
+            # command as a Ray job instead (diffusion_core/ray_jobs.py).
             env.update(
                 RAY_ADDRESS=self.ray_address,
                 RAY_API_SERVER_ADDRESS=self.ray_url,
