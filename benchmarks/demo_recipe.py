@@ -236,8 +236,13 @@ def evaluate_cascade(
     return out
 
 
-def _parse_runs(text: str) -> list[tuple[str, int]]:
-    return [(r.split(":")[0], int(r.split(":")[1])) for r in text.split(",") if r]
+def _parse_runs(text: str, guidance: float) -> list[tuple[str, int, float]]:
+    """``sampler:steps[:guidance],...`` (the guidance scale defaults to ``--guidance``)."""
+    out = []
+    for r in filter(None, text.split(",")):
+        sampler, steps, *g = r.split(":")
+        out.append((sampler, int(steps), float(g[0]) if g else guidance))
+    return out
 
 
 def run_recipe(
@@ -258,14 +263,19 @@ def run_recipe(
         cascade = Cascade(stages, text_encoder=preset.cascade.text_encoder,
                           text_max_tokens=preset.cascade.text_max_tokens)
         last = i == len(fractions) - 1
-        runs = [(args.sampler, args.steps)] + (_parse_runs(args.extra_samplers) if last else [])
-        for j, (sampler, steps) in enumerate(runs):
+        if last and args.weights:
+            Path(args.weights).parent.mkdir(parents=True, exist_ok=True)
+            torch.save({n: snaps[n][i][2] for n in cfgs}, args.weights)
+        runs = [(args.sampler, args.steps, args.guidance)]
+        runs += _parse_runs(args.extra_samplers, args.guidance) if last else []
+        for j, (sampler, steps, guidance) in enumerate(runs):
             t = time.perf_counter()
-            stem = f"{args.tag}_f{round(100 * f)}_{sampler}{steps}"
+            stem = f"{args.tag}_f{round(100 * f)}_{sampler}{steps}_cfg{guidance:g}"
             save = Path(args.grids) / stem if args.grids else None
             m = evaluate_cascade(cascade, held, sampler=sampler, steps=steps,
-                                 guidance=args.guidance, diagnostics=last and j == 0, save=save)
-            rows.append({"fraction": f, "minutes": seconds / 60, "sampler": f"{sampler}-{steps}",
+                                 guidance=guidance, diagnostics=last and j == 0, save=save)
+            rows.append({"fraction": f, "minutes": seconds / 60,
+                         "sampler": f"{sampler}-{steps} CFG {guidance:g}",
                          **m, "eval_s": time.perf_counter() - t})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -283,12 +293,14 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.25,0.5,1.0")
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--extra-samplers", default="", help="sampler:steps,... at the last point")
+    ap.add_argument("--extra-samplers", default="",
+                    help="sampler:steps[:guidance],... evaluated at the last point too")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="out/benchmarks/demo_recipe_text.npz")
     ap.add_argument("--grids", default=None, help="save a sample grid per row in this folder")
     ap.add_argument("--tag", default="run", help="grid file prefix")
+    ap.add_argument("--weights", default=None, help="save the final EMA weights (torch.save)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

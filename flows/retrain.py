@@ -75,7 +75,7 @@ class RetrainParams(BaseModel):
     )
     promote: bool = Field(True, description="Move champion when the gate passes.")
     evaluation: EvalSettings = Field(
-        default_factory=lambda: EvalSettings(num_samples=32, nll_samples=4),
+        default_factory=lambda: EvalSettings(nll_samples=4),
         description="How the new cascade (and the champion, if measured otherwise) is evaluated.",
     )
     sample_count: int = Field(16, ge=1, description="Held-out captions sampled at the end.")

@@ -7,10 +7,15 @@ from dataclasses import asdict
 
 import typer
 
+from diffusion_core.cascade.config import DEFAULT_SAMPLER, DEFAULT_STEPS
+
 
 def sample_command(
     model: str = typer.Option(
-        ..., "--model", help="A cascade folder, or models:/NAME@ALIAS or models:/NAME/VERSION."
+        ...,
+        "--model",
+        help="A cascade folder (local or s3://bucket/prefix), or models:/NAME@ALIAS or "
+        "models:/NAME/VERSION.",
     ),
     prompts: list[str] = typer.Option(
         ..., "--prompts", help="Prompts file (.txt, .jsonl, .csv, .parquet); repeatable."
@@ -21,8 +26,12 @@ def sample_command(
     ),
     images_per_prompt: int = typer.Option(1, "--images-per-prompt", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Job seed (rows without a seed derive theirs)."),
-    steps: int = typer.Option(50, "--num-inference-steps", help="Network calls per stage."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim, dpmsolver++, unipc or ddpm."),
+    steps: int = typer.Option(
+        DEFAULT_STEPS, "--num-inference-steps", help="Network calls per stage."
+    ),
+    sampler: str = typer.Option(
+        DEFAULT_SAMPLER, "--sampler", help="unipc, ddim, dpmsolver++ or ddpm."
+    ),
     guidance_scale: float = typer.Option(3.0, "--guidance-scale", help="Classifier-free guidance."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per actor call."),
     actors: int = typer.Option(1, "--actors", help="Sampler actors (each loads the model once)."),

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from diffusion_core.cascade.config import Sampler
+from diffusion_core.cascade.config import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler
 from diffusion_core.storage import absolute, is_uri, redact
 
 PROMPT_EXTENSIONS = ("txt", "jsonl", "csv", "parquet")
@@ -17,8 +17,8 @@ class SamplerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sampler: Sampler = "ddim"
-    num_inference_steps: int = Field(50, ge=1, le=1000, description="network calls per stage")
+    sampler: Sampler = DEFAULT_SAMPLER
+    num_inference_steps: int = Field(DEFAULT_STEPS, ge=1, le=1000, description="network calls per stage")
     guidance_scale: float = Field(3.0, ge=0.0, le=50.0, description="classifier-free guidance")
 
 

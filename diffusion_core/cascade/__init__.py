@@ -10,6 +10,8 @@ The optimiser step that uses the losses lives with the training job
 from diffusion_core.cascade.cascade import Cascade, cascade_files, content_hash
 from diffusion_core.cascade.config import (
     CASCADE_JSON,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
     FORMAT_VERSION,
     TEXT_KEYS,
     CascadeConfig,
@@ -28,6 +30,8 @@ __all__ = [
     "cascade_files",
     "content_hash",
     "CascadeConfig",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
     "Sampler",
     "Stage",
     "StageConfig",

@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
-from diffusion_core.cascade.config import CASCADE_JSON, TEXT_KEYS, CascadeConfig, Sampler
+from diffusion_core.cascade.config import (
+    CASCADE_JSON,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    TEXT_KEYS,
+    CascadeConfig,
+    Sampler,
+)
 from diffusion_core.cascade.fetch import folder_files, folder_hash, local_cascade
 from diffusion_core.cascade.images import model_to_images
 from diffusion_core.cascade.stage import Stage
@@ -141,8 +148,8 @@ class Cascade:
         *,
         seed: int | Sequence[int] = 0,
         guidance_scale: float | Sequence[float] = 3.0,
-        sampler: Sampler = "ddim",
-        steps: int | Sequence[int] = 50,
+        sampler: Sampler = DEFAULT_SAMPLER,
+        steps: int | Sequence[int] = DEFAULT_STEPS,
         eta: float = 0.0,
         clip_x: float | None = 1.0,
         labels: Tensor | Sequence[int] | None = None,

@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-from diffusion_core.cascade.config import TEXT_KEYS, Sampler, StageConfig
+from diffusion_core.cascade.config import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    TEXT_KEYS,
+    Sampler,
+    StageConfig,
+)
 from diffusion_core.nn import UNet
 from diffusion_core.nn.io import config_diff
 from diffusion_core.objectives import model_output_to_eps
@@ -100,8 +106,8 @@ class Stage:
         n: int,
         *,
         low_res: Tensor | None = None,
-        sampler: Sampler = "ddim",
-        steps: int = 50,
+        sampler: Sampler = DEFAULT_SAMPLER,
+        steps: int = DEFAULT_STEPS,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
         clip_x: float | None = 1.0,

@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from diffusion_core.cascade.config import DEFAULT_SAMPLER, DEFAULT_STEPS
+
 
 def evaluate_command(
     cascade: str = typer.Option(
@@ -26,8 +28,10 @@ def evaluate_command(
     num_samples: int = typer.Option(
         64, "--num-samples", help="Held-out captions sampled (and held-out images compared)."
     ),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim, dpmsolver++ or ddpm."),
-    steps: int = typer.Option(50, "--steps", help="Network calls per stage."),
+    sampler: str = typer.Option(
+        DEFAULT_SAMPLER, "--sampler", help="unipc, ddim, dpmsolver++ or ddpm."
+    ),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Network calls per stage."),
     guidance_scale: float = typer.Option(
         3.0, "--guidance-scale", help="Classifier-free guidance weight."
     ),

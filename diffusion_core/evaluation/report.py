@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from diffusion_core.cascade.config import DEFAULT_SAMPLER, DEFAULT_STEPS
+
 
 class EvalSettings(BaseModel):
     """How a cascade is evaluated (a CLI / Prefect / MLflow boundary object)."""
@@ -18,8 +20,8 @@ class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_samples: int = Field(64, ge=2, description="held-out captions sampled (and real images)")
-    sampler: str = Field("ddim", description="sampler of every stage")
-    steps: int = Field(50, ge=1, description="network calls per stage")
+    sampler: str = Field(DEFAULT_SAMPLER, description="sampler of every stage")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="network calls per stage")
     guidance_scale: float = Field(3.0, ge=0.0, description="classifier-free guidance weight")
     seed: int = Field(0, ge=0, description="seed of the first image (image i uses seed + i)")
     batch_size: int = Field(16, ge=1, description="images sampled per batch")

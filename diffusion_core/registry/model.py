@@ -36,14 +36,14 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from diffusion_core.cascade import Sampler, png_bytes
+from diffusion_core.cascade import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler, png_bytes
 
 CASCADE_ARTIFACT = "cascade"  # the key of the cascade folder in ``artifacts``
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 DEFAULT_PARAMS: dict[str, Any] = {
-    "num_inference_steps": 50,
+    "num_inference_steps": DEFAULT_STEPS,
     "guidance_scale": 3.0,
-    "sampler": "ddim",
+    "sampler": DEFAULT_SAMPLER,
     "negative_prompt": "",
 }
 DEFAULT_CONFIG: dict[str, Any] = {"device": "auto"}

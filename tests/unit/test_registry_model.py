@@ -69,9 +69,9 @@ def test_signature_follows_the_diffusers_flavour():
     assert {c.name: c.type.name for c in sig.outputs.inputs} == {"image": "binary", "seed": "long"}
     params = {p.name: p.default for p in sig.params.params}
     assert params == {
-        "num_inference_steps": 50,
+        "num_inference_steps": 10,
         "guidance_scale": 3.0,
-        "sampler": "ddim",
+        "sampler": "unipc",
         "negative_prompt": "",
     }
 
@@ -157,7 +157,7 @@ def test_served_bytes_equal_the_batch_jobs_for_the_same_prompt_and_seed(model, s
     sampler = CascadeSampler(
         str(saved / "artifacts" / "cascade"),
         "/unused",
-        {"sampler": "ddim", "num_inference_steps": 6, "guidance_scale": 3.0},
+        {"sampler": "unipc", "num_inference_steps": 6, "guidance_scale": 3.0},
     )
     served = model.predict(pd.DataFrame({"prompt": ["a red circle"], "seed": [11]}), STEPS)
     assert sampler.generate("a red circle", "", 11) == served["image"][0]
