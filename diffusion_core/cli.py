@@ -32,7 +32,7 @@ def figures(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("out"), "--out", help="Folder for everything the demo writes."),
-    count: int = typer.Option(4000, "--count", help="Built-in shapes samples to train on."),
+    count: int = typer.Option(8000, "--count", help="Built-in shapes samples to train on."),
     preset: str = typer.Option("demo", "--preset", help="Training preset (demo, tiny, a YAML)."),
 ) -> None:
     """Run the whole pipeline on the built-in data: the chapter's figures, then the retrain flow
