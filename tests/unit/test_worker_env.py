@@ -82,14 +82,22 @@ def test_submission_address_only_for_a_dashboard_url_outside_a_job(monkeypatch):
     assert ray_jobs.submission_address() is None
 
 
-def test_ensure_ray_refuses_a_jobs_api_address_clearly(monkeypatch):
-    import ray
+def test_ensure_ray_refuses_a_jobs_api_address_clearly():
+    # in a fresh interpreter: the test session may already have a Ray up in this process
+    import os
+    import subprocess
+    import sys
 
-    if ray.is_initialized():
-        pytest.skip("a Ray is already up in this process")
-    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
-    with pytest.raises(RuntimeError, match="Jobs API"):
-        ray_env.ensure_ray()
+    code = (
+        "from diffusion_core import ray_env\n"
+        "try:\n    ray_env.ensure_ray()\n"
+        "except RuntimeError as e:\n    print('refused:', e)\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("refused:") and "Jobs API" in out.stdout, out.stdout
 
 
 def _capture(monkeypatch) -> dict:
