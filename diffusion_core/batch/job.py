@@ -55,7 +55,9 @@ from diffusion_core.batch.shards import (
 from diffusion_core.batch.worker import RESULT_SCHEMA, CascadeSampler
 from diffusion_core.errors import JobError
 from diffusion_core.storage import (
+    absolute,
     exists,
+    is_uri,
     open_file,
     read_json,
     redact,
@@ -242,12 +244,12 @@ def _submit(
     from diffusion_core.ray_jobs import submit_kind
 
     tracking_uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    local_model = not (cfg.model.startswith("models:") or "://" in cfg.model)
+    local_model = not (cfg.model.startswith("models:") or is_uri(cfg.model))
     update: dict[str, Any] = {
         "tracking_uri": strip_credentials(cfg.tracking_uri)[0] if cfg.tracking_uri else None
     }
     if local_model:
-        update["model"] = os.path.abspath(os.path.expanduser(cfg.model))
+        update["model"] = absolute(cfg.model)
     request = {"config": cfg.model_copy(update=update).model_dump(mode="json")}
 
     def on_event(e: dict[str, Any]) -> None:

@@ -64,6 +64,7 @@ from diffusion_core.ray_jobs import submission_address
 from diffusion_core.storage import (
     PARTIAL_SUFFIX,
     AtomicFile,
+    absolute,
     exists,
     filesystem,
     is_uri,
@@ -728,12 +729,8 @@ def _for_cluster(cfg: IngestConfig) -> IngestConfig:
             raise IngestError(
                 f"source {redact(s)!r}: put credentials in the cluster's environment, not the URL"
             )
-
-    def local_abs(p: str) -> str:
-        return p if is_uri(p) else os.path.abspath(p.removeprefix("file://"))
-
     return cfg.model_copy(
-        update={"sources": [local_abs(s) for s in cfg.sources], "out": local_abs(cfg.out)}
+        update={"sources": [absolute(s) for s in cfg.sources], "out": absolute(cfg.out)}
     )
 
 
