@@ -11,12 +11,19 @@ data never uses), and diagnostics that split the error between the stages:
 - ``base+bicubic``: the base stage's 16 px samples, upsampled bicubically (the base stage alone);
 - ``real16+sr``: the real images' 16 px versions through the SR stage (the SR stage alone).
 
+Faithfulness is a rate over captions: its standard error is ~6 points at 64 captions and ~1.6
+at 1024 (the default; 1024 cost ~40 s with UniPC-10 on 2 threads). Two trainings compared on 64
+captions can differ by 8 points by chance (docs/training.md, run 4).
+
 Not run by the tests. Run it twice at once with ``--threads 1``, one recipe each, for a side by
-side at equal load (what docs/training.md reports), or once with both recipes (the default)::
+side at equal load (what docs/training.md reports), or once with both recipes (the default);
+``--score`` trains nothing and scores exported cascades (what ``make demo`` wrote) on the same
+captions::
 
     .venv/bin/python benchmarks/demo_recipe.py --out out/benchmarks/demo_recipe.md
     .venv/bin/python benchmarks/demo_recipe.py --recipe "a=demo base.train.steps=2400" \\
         --fractions 0.5,1.0 --threads 1 --extra-samplers ddpm:50 --grids out/benchmarks/grids
+    .venv/bin/python benchmarks/demo_recipe.py --score out/cascades/*/
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_core.cascade import Cascade, Stage
+from diffusion_core.cascade.config import DEFAULT_SAMPLER, DEFAULT_STEPS
 from diffusion_core.data.images import center_crop_resize
 from diffusion_core.data.shapes import generate
 from diffusion_core.evaluation.faithfulness import CHECKER_VERSION, check_caption
@@ -281,6 +289,29 @@ def run_recipe(
     return rows
 
 
+def score_cascades(paths: list[str], held: Data, args: argparse.Namespace) -> str:
+    """Faithfulness (and the per-stage diagnostics) of already exported cascades, e.g. the one
+    ``make demo`` trained, on the same held-out captions as the recipes."""
+    lines = [
+        f"checker {CHECKER_VERSION}; {len(held.captions)} held-out captions from scene "
+        f"{args.eval_start}; {args.sampler}-{args.steps}, CFG {args.guidance}",
+        "",
+        "| cascade | faithfulness | base+bicubic | real16+sr |",
+        "|---|---:|---:|---:|",
+    ]
+    for path in paths:
+        cascade = Cascade.load(path)
+        cache = (Path(f"{args.cache}.{cascade.config.text_encoder}."
+                      f"{cascade.config.text_max_tokens}.npz") if args.cache else None)
+        encode(held, cascade.text_encoder, cache)
+        m = evaluate_cascade(cascade, held, sampler=args.sampler, steps=args.steps,
+                             guidance=args.guidance)
+        print(json.dumps({"cascade": path, **m}), flush=True)
+        lines.append(f"| `{path}` | {m['faithfulness']:.1%} | {m['base+bicubic']:.1%} | "
+                     f"{m['real16+sr']:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -289,10 +320,13 @@ def main() -> None:
     )
     ap.add_argument("--set", action="append", default=[], help="override (every recipe)")
     ap.add_argument("--count", type=int, default=4000, help="training scenes")
-    ap.add_argument("--eval", type=int, default=64, help="held-out captions")
+    ap.add_argument("--eval", type=int, default=1024,
+                    help="held-out captions (standard error ~1.6 points at 1024, ~6 at 64)")
+    ap.add_argument("--eval-start", type=int, default=EVAL_START,
+                    help="scene index of the first held-out caption")
     ap.add_argument("--fractions", default="0.25,0.5,1.0")
-    ap.add_argument("--sampler", default="ddim")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--sampler", default=DEFAULT_SAMPLER)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--extra-samplers", default="",
                     help="sampler:steps[:guidance],... evaluated at the last point too")
     ap.add_argument("--guidance", type=float, default=3.0)
@@ -302,13 +336,22 @@ def main() -> None:
     ap.add_argument("--tag", default="run", help="grid file prefix")
     ap.add_argument("--weights", default=None, help="save the final EMA weights (torch.save)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--score", nargs="+", default=None, metavar="CASCADE",
+                    help="train nothing: score these exported cascades (folders or URIs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",")]
 
     t = time.perf_counter()
+    held = shapes_data(args.eval, args.eval_start, 32)
+    if args.score:
+        table = score_cascades(args.score, held, args)
+        print(table)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(table + "\n")
+        return
     train = shapes_data(args.count, 0, 32)
-    held = shapes_data(args.eval, EVAL_START, 32)
     labels, presets = [], []
     for spec in args.recipe or RECIPES:
         label, _, rest = spec.partition("=")
