@@ -97,6 +97,11 @@ def encode(data: Data, encoder: Any, cache: Path | None) -> None:
     data.text = {f"text_{k}": store[k][idx] for k in ("pooled", "tokens", "mask")}
 
 
+def text_cache(prefix: str | None, encoder: str | None, max_tokens: int | None) -> Path | None:
+    """The embedding cache file of one text encoder setting (None: no cache)."""
+    return Path(f"{prefix}.{encoder or ''}.{max_tokens}.npz") if prefix else None
+
+
 # ------------------------------------------------------------------------------ recipes
 
 
@@ -301,8 +306,7 @@ def score_cascades(paths: list[str], held: Data, args: argparse.Namespace) -> st
     ]
     for path in paths:
         cascade = Cascade.load(path)
-        cache = (Path(f"{args.cache}.{cascade.config.text_encoder}."
-                      f"{cascade.config.text_max_tokens}.npz") if args.cache else None)
+        cache = text_cache(args.cache, cascade.config.text_encoder, cascade.config.text_max_tokens)
         encode(held, cascade.text_encoder, cache)
         m = evaluate_cascade(cascade, held, sampler=args.sampler, steps=args.steps,
                              guidance=args.guidance)
@@ -377,7 +381,7 @@ def main() -> None:
     ]
     for label, p in zip(labels, presets, strict=True):
         key = (p.cascade.text_encoder or "", p.cascade.text_max_tokens)
-        cache = Path(f"{args.cache}.{key[0]}.{key[1]}.npz") if args.cache else None
+        cache = text_cache(args.cache, *key)
         encode(train, encoders[key], cache)
         encode(held, encoders[key], cache)
         for r in run_recipe(p, train, held, fractions, args):
